@@ -1,0 +1,235 @@
+"""Run configuration: layered YAML into frozen, typed dataclasses.
+
+Layers, last wins: ``conf/base.yaml`` (every default: the embedded local setup), then
+``conf/<target>.yaml`` (e.g. ``databricks``), then ``--set a.b=c`` overrides from the command
+line. The merged mapping is checked against the dataclasses below before any Spark work starts,
+so a typo or a bad value fails in a second with the key and the value named, not an hour into a
+job. Secrets never live here: config only names the environment variable that holds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or has a bad value; the message names it."""
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    master: str = "local[*]"
+    app_name: str = "persona4rec"
+    shuffle_partitions: int = 8
+    driver_memory: str = "4g"
+    ui_enabled: bool = False
+    log_level: str = "WARN"
+    # Extra Spark properties, e.g. {"spark.sql.ansi.enabled": "true"}.
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    # Folder under which each table is a Delta directory `<root>/<table>` (local or any Hadoop
+    # path). Ignored when `schema` is set.
+    root: str = "warehouse"
+    # Metastore / Unity Catalog placement: tables become `<catalog>.<schema>.<table>`.
+    catalog: str | None = None
+    schema: str | None = None
+
+
+ReviewFormat = Literal["amazon2014", "amazon2018", "amazon2023", "yelp"]
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    format: ReviewFormat = "amazon2018"
+    reviews_path: str = "data/sample/reviews.jsonl"
+    # Item metadata is optional: Amazon 2014 5-core sets ship without it.
+    items_path: str | None = "data/sample/meta.jsonl"
+    # jsonl (plain or .gz) or parquet; `auto` decides per path by its extension.
+    input_type: Literal["auto", "jsonl", "parquet"] = "auto"
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    # Timestamps later than now + this many seconds are impossible values.
+    max_clock_skew_s: int = 86400
+    # Rows of one pandas batch handed back by the file readers.
+    batch_rows: int = 5000
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    kcore: int = 5
+    # Users with fewer interactions than this get no validation/test row (all train).
+    min_interactions: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    spark: SparkSettings = field(default_factory=SparkSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
+
+    def resolve_path(self, path: str) -> str:
+        """Relative paths in config are relative to the project root, not the current folder,
+        so jobs behave the same from any working directory (spark-submit, Databricks, tests)."""
+        if "://" in path or os.path.isabs(path):
+            return path
+        return str(PROJECT_ROOT / path)
+
+    def validate(self) -> "Config":
+        _check(self.split.kcore >= 1, "split.kcore", self.split.kcore, "must be >= 1")
+        _check(self.split.min_interactions >= 3, "split.min_interactions",
+               self.split.min_interactions, "must be >= 3 (train, validation and test)")
+        _check(self.ingest.rating_min < self.ingest.rating_max, "ingest.rating_min",
+               self.ingest.rating_min, f"must be below ingest.rating_max={self.ingest.rating_max}")
+        _check(self.ingest.batch_rows > 0, "ingest.batch_rows", self.ingest.batch_rows, "must be > 0")
+        _check(self.spark.shuffle_partitions > 0, "spark.shuffle_partitions",
+               self.spark.shuffle_partitions, "must be > 0")
+        _check((self.storage.catalog is None) or (self.storage.schema is not None),
+               "storage.catalog", self.storage.catalog, "needs storage.schema as well")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' has bad value {value!r}: {why}")
+
+
+def load_config(
+    target: str | None = None,
+    overrides: typing.Sequence[str] = (),
+    conf_dir: str | os.PathLike | None = None,
+) -> Config:
+    """Merge base.yaml, <target>.yaml and `a.b=c` overrides, then build and validate Config."""
+    conf_dir = Path(conf_dir) if conf_dir else DEFAULT_CONF_DIR
+    merged = _read_yaml(conf_dir / "base.yaml")
+    if target:
+        target_file = conf_dir / f"{target}.yaml"
+        if not target_file.exists():
+            known = sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem != "base")
+            raise ConfigError(f"unknown config target '{target}': no {target_file} (known: {known})")
+        merged = _deep_merge(merged, _read_yaml(target_file))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        merged = _deep_merge(merged, _nest(_key_path(key.strip()), yaml.safe_load(raw)))
+    return _build(Config, merged, "").validate()
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
+def _key_path(key: str) -> list[str]:
+    # Spark property names contain dots: `spark.conf.spark.sql.x=1` sets one key of spark.conf.
+    if key.startswith("spark.conf."):
+        return ["spark", "conf", key[len("spark.conf."):]]
+    return key.split(".")
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _deep_merge(base: Mapping, extra: Mapping) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "<root>"
+        raise ConfigError(f"unknown config key(s) {unknown} under '{where}' (known: {sorted(names)})")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}")
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; allow the few safe coercions YAML needs."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"config key '{key}' has bad value {value!r}: expected {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' has bad value {value!r}: expected one of {list(args)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' has bad value {value!r}: expected a mapping")
+        vt = args[1] if args else Any
+        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' has bad value {value!r}: expected a list")
+        et = args[0] if args else Any
+        return tuple(_coerce(et, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' has bad value {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' has bad value {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' has bad value {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' has bad value {value!r}: expected a string")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (for MLflow params and the resolved-config artifact)."""
+    return dataclasses.asdict(cfg)

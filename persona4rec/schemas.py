@@ -1,0 +1,117 @@
+"""Table names, column names and schemas: the one place that defines the data contracts.
+
+Every stage reads and writes through these names; `require_columns` checks a stage's input at the
+boundary so a wrong table fails with the table and the missing column named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+
+
+class SchemaError(ValueError):
+    """An input table lacks a column or has the wrong type for it."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: T.StructType
+    keys: tuple[str, ...]
+    partition_by: tuple[str, ...] = ()
+    # Columns written on insert only (e.g. first-seen times); a rerun never rewrites them.
+    insert_only: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.name for f in self.schema.fields]
+
+
+# -- column names shared by many tables ------------------------------------------------------
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+RATING = "rating"
+TS = "ts"  # event time, Unix seconds (UTC)
+SOURCE_FILE = "source_file"
+SOURCE_LINE = "source_line"
+
+SPLIT = "split"
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+
+REVIEWS = TableSpec(
+    name="reviews",
+    keys=(USER_ID, ITEM_ID),
+    schema=T.StructType([
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField(RATING, T.DoubleType(), False),
+        T.StructField(TS, T.LongType(), False),
+        T.StructField("review_title", T.StringType(), True),
+        T.StructField("review_text", T.StringType(), False),
+        T.StructField("helpful_votes", T.IntegerType(), True),
+        T.StructField("verified", T.BooleanType(), True),
+        T.StructField("source_format", T.StringType(), False),
+        T.StructField(SOURCE_FILE, T.StringType(), False),
+        T.StructField(SOURCE_LINE, T.LongType(), True),
+    ]),
+)
+
+ITEMS = TableSpec(
+    name="items",
+    keys=(ITEM_ID,),
+    schema=T.StructType([
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField("title", T.StringType(), True),
+        T.StructField("description", T.StringType(), True),
+        T.StructField("categories", T.ArrayType(T.StringType()), True),
+        T.StructField("brand", T.StringType(), True),
+        T.StructField("main_category", T.StringType(), True),
+        T.StructField("features", T.ArrayType(T.StringType()), True),
+        T.StructField("details", T.MapType(T.StringType(), T.StringType()), True),
+        # False for items seen in reviews that have no metadata record (cold metadata).
+        T.StructField("has_metadata", T.BooleanType(), False),
+        T.StructField("source_format", T.StringType(), False),
+        T.StructField(SOURCE_FILE, T.StringType(), True),
+        T.StructField(SOURCE_LINE, T.LongType(), True),
+    ]),
+)
+
+SPLITS = TableSpec(
+    name="splits",
+    keys=(USER_ID, ITEM_ID),
+    schema=T.StructType([
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField(TS, T.LongType(), False),
+        # 1-based position in the user's time-ordered (ts, item_id) history.
+        T.StructField("seq", T.IntegerType(), False),
+        T.StructField(SPLIT, T.StringType(), False),
+    ]),
+)
+
+REJECTED_RECORDS = TableSpec(
+    name="rejected_records",
+    keys=("record_id",),
+    insert_only=("first_seen_at",),
+    schema=T.StructType([
+        T.StructField("record_id", T.StringType(), False),
+        T.StructField("table", T.StringType(), False),  # the table the record was meant for
+        T.StructField(SOURCE_FILE, T.StringType(), False),
+        T.StructField(SOURCE_LINE, T.LongType(), True),
+        T.StructField("reason", T.StringType(), False),  # a code, see ingest.records.Reason
+        T.StructField("field", T.StringType(), True),
+        T.StructField("message", T.StringType(), False),
+        T.StructField("raw", T.StringType(), True),
+        T.StructField("first_seen_at", T.TimestampType(), False),
+    ]),
+)
+
+
+def require_columns(df: DataFrame, table: str, columns: list[str] | tuple[str, ...]) -> None:
+    """Fail with the table and the missing columns named, before any work is done on it."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SchemaError(f"table '{table}' lacks column(s) {missing}; it has {df.columns}")
