@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
 
@@ -85,7 +87,7 @@ class Config:
     def resolve_path(self, path: str) -> str:
         """Relative paths in config are relative to the project root, not the current folder,
         so jobs behave the same from any working directory (spark-submit, Databricks, tests)."""
-        if "://" in path or os.path.isabs(path):
+        if _URI.match(path) or os.path.isabs(path):
             return path
         return str(PROJECT_ROOT / path)
 
@@ -224,7 +226,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return float(value)
         raise ConfigError(f"config key '{key}' has bad value {value!r}: expected a number")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads `true`; Spark properties want "true"
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"config key '{key}' has bad value {value!r}: expected a string")
     raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover

@@ -32,14 +32,19 @@ def clean_list(values: object) -> list[str] | None:
     if not isinstance(values, (list, tuple)):
         values = [values]
     out: list[str] = []
-    for v in values:
-        if isinstance(v, (list, tuple)):  # 2014 metadata nests category paths
-            out.extend(clean_list(v) or [])
-            continue
+    for v in _flatten(values):
         c = clean_text(v)
         if c and c not in out:
             out.append(c)
     return out or None
+
+
+def _flatten(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):  # 2014 metadata nests category paths
+            yield from _flatten(v)
+        else:
+            yield v
 
 
 def clean_details(value: object) -> dict[str, str] | None:

@@ -114,14 +114,16 @@ def _file_lines(path: str) -> Iterator[tuple[str, int, bytes]]:
 
 
 def _batched(rows: Iterator[dict], columns: list[str], size: int) -> Iterator[pd.DataFrame]:
-    batch: list[dict] = []
+    # Object dtype and explicit None: pandas would otherwise fill absent values with NaN, which
+    # Arrow cannot turn into a null array or map.
+    batch: list[list] = []
     for row in rows:
-        batch.append(row)
+        batch.append([row.get(c) for c in columns])
         if len(batch) >= size:
-            yield pd.DataFrame(batch, columns=columns)
+            yield pd.DataFrame(batch, columns=columns, dtype=object)
             batch = []
     if batch:
-        yield pd.DataFrame(batch, columns=columns)
+        yield pd.DataFrame(batch, columns=columns, dtype=object)
 
 
 def read_parsed(

@@ -1,0 +1,50 @@
+"""Shared fixtures: one local Spark session with Delta for the whole run; tables under tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from persona4rec.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def make_config(tmp_path: Path, *overrides: str) -> Config:
+    return load_config("test", [f"storage.root={tmp_path / 'warehouse'}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from persona4rec.spark import get_spark
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    cfg = make_config(tmp_path_factory.mktemp("spark"))
+    session = get_spark(cfg)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    return make_config(tmp_path)
+
+
+def write_lines(path: Path, lines: list[str | bytes | dict]) -> Path:
+    """Write raw lines (dicts become JSON) to a plain or .gz file; bytes are written verbatim."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = b"".join(
+        (line if isinstance(line, bytes) else
+         (json.dumps(line) if isinstance(line, dict) else line).encode("utf-8")) + b"\n"
+        for line in lines)
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path

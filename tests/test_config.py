@@ -1,0 +1,55 @@
+import pytest
+
+from persona4rec.config import ConfigError, load_config
+
+pytestmark = pytest.mark.unit
+
+
+def test_base_config_loads_embedded_defaults():
+    cfg = load_config()
+    assert cfg.ingest.format == "amazon2018"
+    assert cfg.split.kcore == 5
+    assert cfg.spark.conf["spark.databricks.delta.snapshotPartitions"] == "2"
+
+
+def test_target_layer_and_overrides_apply_in_order():
+    cfg = load_config("test", ["split.kcore=10", "ingest.items_path=null",
+                               "spark.conf.spark.sql.ansi.enabled=true"])
+    assert cfg.spark.master == "local[2]"  # from test.yaml
+    assert cfg.split.kcore == 10  # from --set
+    assert cfg.ingest.items_path is None
+    assert cfg.spark.conf["spark.sql.ansi.enabled"] == "true"
+    assert cfg.spark.conf["spark.ui.showConsoleProgress"] == "false"  # base kept
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.split.kcore = 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("split.kcor=3", "unknown config key(s) ['kcor'] under 'split.'"),
+    ("split.kcore=abc", "config key 'split.kcore' has bad value 'abc': expected an integer"),
+    ("split.kcore=0", "config key 'split.kcore' has bad value 0: must be >= 1"),
+    ("ingest.format=csv", "config key 'ingest.format' has bad value 'csv': expected one of"),
+    ("ingest.rating_min=9", "config key 'ingest.rating_min' has bad value 9.0"),
+    ("spark.ui_enabled=maybe", "config key 'spark.ui_enabled' has bad value 'maybe': expected true or false"),
+    ("nonsense", "override 'nonsense' must look like key.path=value"),
+])
+def test_bad_values_name_the_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(ConfigError, match="unknown config target 'nope'.*databricks"):
+        load_config("nope")
+
+
+def test_relative_paths_resolve_against_project_root(tmp_path):
+    cfg = load_config()
+    assert cfg.resolve_path("data/sample/reviews.jsonl").endswith("/data/sample/reviews.jsonl")
+    assert cfg.resolve_path("/abs/x") == "/abs/x"
+    assert cfg.resolve_path("dbfs:/x") == "dbfs:/x"
