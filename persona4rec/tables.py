@@ -99,6 +99,7 @@ class TableStore:
         spec: TableSpec,
         delete_missing: bool = False,
         delete_missing_condition: str | None = None,
+        update_condition: str | None = None,
     ) -> WriteResult:
         """MERGE `df` into the table on `spec.keys`.
 
@@ -108,7 +109,8 @@ class TableStore:
         rerun on unchanged input reports 0 inserted and 0 updated. With `delete_missing`, target
         rows that the source no longer has are deleted (optionally only those matching
         `delete_missing_condition`, a SQL predicate on `t.`): the contract for derived tables
-        that are recomputed whole, like the splits.
+        that are recomputed whole, like the splits. `update_condition` (SQL on `t.`/`s.`) further
+        restricts which matched rows may be updated (the LLM cache never overwrites a success).
         """
         source, dropped = self._dedupe(self._conform(df, spec), spec)
         target = self.ensure(spec)
@@ -116,6 +118,8 @@ class TableStore:
         on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.keys)
         value_cols = [c for c in spec.columns if c not in spec.keys and c not in spec.insert_only]
         changed = " OR ".join(_differs(c, spec.schema[c].dataType) for c in value_cols) or "false"
+        if update_condition:
+            changed = f"({update_condition}) AND ({changed})"
         merge = (
             target.alias("t").merge(source.alias("s"), on)
             .whenMatchedUpdate(condition=changed, set={f"`{c}`": f"s.`{c}`" for c in value_cols})

@@ -1,0 +1,70 @@
+"""Append-only journal of finished LLM calls: what makes a paid call durable the moment it ends.
+
+Executors append one JSON line per finished call (flushed and fsynced) to a file of their own
+under `<journal_dir>/<task>/`. The driver folds the journal into the `llm_calls` Delta table after
+the Spark job and on the next start, so a crash, a killed driver or a Spark task retry never
+loses a call that was paid for, and a retried task skips the keys its earlier attempt finished.
+The folder must be reachable from every executor (local disk in local mode; a Unity Catalog
+volume or /dbfs path on Databricks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+class JournalWriter:
+    def __init__(self, folder: str, prefix: str):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.path = os.path.join(folder, f"{prefix}-{uuid.uuid4().hex}.jsonl")
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._fh.write(line)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "JournalWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def journal_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jsonl"))
+
+
+def read_journal(folder: str) -> Iterator[dict]:
+    """Every complete record; a line cut short by a crash mid-write is skipped (it was not paid
+    for in any usable way: its caller never saw the reply either)."""
+    for path in journal_files(folder):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+
+def remove_files(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass

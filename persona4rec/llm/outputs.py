@@ -1,0 +1,63 @@
+"""Pydantic models of what each LLM task must return.
+
+String lengths are bounded in the JSON schema on purpose: with constrained decoding a small model
+otherwise loops until the token limit, and any model's reply stays a predictable size in tables
+and e-mails.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SLOTS = ("category_preference", "purchase_purpose", "quality_criteria", "usage_context")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ItemSummary(_Strict):
+    summary: str = Field(min_length=1, max_length=400,
+                         description="2-3 sentences: what the item is and who it is for")
+
+
+class AspectSlot(_Strict):
+    value: str = Field(min_length=1, max_length=80, description="the aspect, in a few words")
+    reason: str = Field(min_length=1, max_length=160, description="why, from the review")
+
+
+class ReviewAspects(_Strict):
+    category_preference: AspectSlot | None = None
+    purchase_purpose: AspectSlot | None = None
+    quality_criteria: AspectSlot | None = None
+    usage_context: AspectSlot | None = None
+
+    def null_slots(self) -> int:
+        return sum(getattr(self, s) is None for s in SLOTS)
+
+
+class Persona(_Strict):
+    name: str = Field(min_length=1, max_length=60)
+    description: str = Field(min_length=1, max_length=300)
+    preference_rationale: str = Field(min_length=1, max_length=300)
+
+
+class ItemPersonas(_Strict):
+    personas: list[Persona] = Field(min_length=1, max_length=7)
+
+
+def response_schema(model: type[BaseModel]) -> dict:
+    """JSON schema for `response_format`, self-contained (no $ref) for endpoints that need it."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].split("/")[-1]])
+            return {k: inline(v) for k, v in node.items() if k not in ("title", "default")}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)

@@ -1,0 +1,145 @@
+"""The three offline LLM tasks: prompts, rendering of their inputs, and checks of their replies.
+
+Plain Python (no Spark): each `*_messages` function turns one input record into chat messages,
+so prompts are testable alone and the Spark stages only map these over partitions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+from persona4rec.llm.outputs import SLOTS, ItemPersonas, ItemSummary, ReviewAspects
+from persona4rec.llm.prompts import approx_tokens, load_prompt, untrusted
+from persona4rec.llm.runner import LLMTask
+
+DESCRIPTION_TOKENS = 300
+TUPLE_FIELD_TOKENS = 30
+
+
+def summary_task(domain: str) -> LLMTask:
+    return LLMTask("summarise_items", load_prompt(domain, "summary"), ItemSummary)
+
+
+def aspects_task(domain: str) -> LLMTask:
+    return LLMTask("extract_aspects", load_prompt(domain, "aspects"), ReviewAspects)
+
+
+def personas_task(domain: str) -> LLMTask:
+    return LLMTask("build_personas", load_prompt(domain, "personas"), ItemPersonas, check=check_personas)
+
+
+def check_personas(context: dict, reply: ItemPersonas) -> None:
+    limit = int(context.get("max_personas", 7))
+    if len(reply.personas) > limit:
+        raise ValueError(f"{len(reply.personas)} personas given, at most {limit} allowed")
+    names = [p.name.strip().lower() for p in reply.personas]
+    if len(set(names)) != len(names):
+        raise ValueError("persona names must be distinct")
+
+
+# -- item summary ----------------------------------------------------------------------------
+def item_text(item: dict) -> str:
+    """Metadata as labelled lines; empty fields are left out."""
+    lines = []
+    for label, key in (("Title", "title"), ("Brand", "brand"), ("Main category", "main_category")):
+        if item.get(key):
+            lines.append(f"{label}: {untrusted(item[key], 40)}")
+    if item.get("categories") is not None and len(item["categories"]):
+        lines.append("Categories: " + untrusted(", ".join(item["categories"]), 60))
+    if item.get("description"):
+        lines.append("Description: " + untrusted(item["description"], DESCRIPTION_TOKENS))
+    if item.get("features") is not None and len(item["features"]):
+        lines.append("Features: " + untrusted("; ".join(item["features"]), 120))
+    details = item.get("details")
+    if details:
+        pairs = details.items() if isinstance(details, dict) else details
+        lines.append("Details: " + untrusted("; ".join(f"{k}: {v}" for k, v in pairs), 80))
+    if not lines:
+        lines.append(f"Item id: {item['item_id']} (no metadata)")
+    return "\n".join(lines)
+
+
+def is_thin(item: dict) -> bool:
+    return not item.get("title") or not item.get("description")
+
+
+def summary_messages(domain: str, item: dict, reviews: Sequence[str], review_budget: int) -> list[dict]:
+    block = ""
+    if reviews:
+        block = "\n" + "\n".join(f"<review>\n{untrusted(r, review_budget)}\n</review>" for r in reviews) + "\n"
+    return summary_task(domain).prompt.render(item=item_text(item), reviews=block)
+
+
+def fallback_summary(item: dict) -> str:
+    """Used while the LLM summary has not succeeded, so every item stays describable."""
+    text = " ".join(x for x in (item.get("title"), item.get("description")) if x)
+    if not text and item.get("categories") is not None and len(item["categories"]):
+        text = "An item in " + ", ".join(item["categories"])
+    return untrusted(text or f"Item {item['item_id']}", 80)
+
+
+# -- aspects ---------------------------------------------------------------------------------
+def aspect_messages(domain: str, summary: str, rating: float, review: str, review_budget: int) -> list[dict]:
+    return aspects_task(domain).prompt.render(
+        summary=untrusted(summary, 120), rating=f"{rating:g}", review=untrusted(review, review_budget))
+
+
+# -- personas --------------------------------------------------------------------------------
+def tuple_text(t: dict) -> str:
+    parts = []
+    for slot in SLOTS:
+        if t.get(slot):
+            reason = t.get(f"{slot}_reason")
+            value = untrusted(t[slot], TUPLE_FIELD_TOKENS // 2)
+            parts.append(f"{value} ({untrusted(reason, TUPLE_FIELD_TOKENS)})" if reason else value)
+        else:
+            parts.append("-")
+    return f"[{t['rating']:g}] " + " | ".join(parts)
+
+
+def _bucket(rating: float) -> int:
+    return 0 if rating <= 2 else (1 if rating < 4 else 2)
+
+
+def sample_pool(tuples: list[dict], token_budget: int) -> list[dict]:
+    """The aspect pool an item's persona prompt sees, within `token_budget`.
+
+    Rule (deterministic): split tuples by rating into negative (<=2), neutral (3) and positive
+    (>=4); order each by helpful votes (desc), then by a hash of the reviewer id; then take one
+    from each group in turn, smallest group first, until the budget is spent. So a few critical
+    reviews are not crowded out by many positive ones, and the same pool gives the same prompt.
+    """
+    groups: dict[int, list[dict]] = {}
+    for t in tuples:
+        groups.setdefault(_bucket(t["rating"]), []).append(t)
+    for g in groups.values():
+        g.sort(key=lambda t: (-(t.get("helpful_votes") or 0),
+                              hashlib.sha256(str(t["user_id"]).encode()).hexdigest()))
+    order = sorted(groups, key=lambda b: (len(groups[b]), b))
+    picked, used = [], 0
+    while any(groups[b] for b in order):
+        for b in order:
+            if not groups[b]:
+                continue
+            t = groups[b].pop(0)
+            cost = approx_tokens(tuple_text(t)) + 1
+            if used + cost > token_budget and picked:
+                return picked
+            picked.append(t)
+            used += cost
+    return picked
+
+
+def persona_messages(domain: str, summary: str, pool: list[dict], n_reviews: int, max_personas: int) -> list[dict]:
+    return personas_task(domain).prompt.render(
+        summary=untrusted(summary, 120), n_reviews=n_reviews,
+        aspects="\n".join(tuple_text(t) for t in pool), max_personas=max_personas)
+
+
+def persona_text(name: str, description: str, rationale: str) -> str:
+    return f"{name}. {description} {rationale}".strip()
+
+
+def persona_id(item_id: str, index: int, text: str) -> str:
+    return f"{item_id}#{index}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
