@@ -54,10 +54,12 @@ def make_client(settings: LLMSettings, base_url: str, api_key: str | None) -> op
     return openai.OpenAI(base_url=base_url, **common)
 
 
-def request_params(settings: LLMSettings, output_model: type[BaseModel], mode: str | None = None) -> dict:
-    """Everything of a request except the messages; part of the cache key."""
-    params: dict = {"model": settings.model, "temperature": settings.temperature,
-                    "max_tokens": settings.max_output_tokens}
+def request_params(settings: LLMSettings, output_model: type[BaseModel], mode: str | None = None,
+                   max_tokens: int | None = None) -> dict:
+    """Everything of a request except the messages; part of the cache key. The reply budget is
+    the task's, capped by `llm.max_output_tokens`."""
+    budget = min(max_tokens or settings.max_output_tokens, settings.max_output_tokens)
+    params: dict = {"model": settings.model, "temperature": settings.temperature, "max_tokens": budget}
     if settings.seed is not None:
         params["seed"] = settings.seed
     if (mode or settings.structured_output) == "json_schema":
@@ -88,11 +90,11 @@ class StructuredCaller:
         self._secret, self._sleep = secret, sleep
         self._mode = settings.structured_output
 
-    def request_params(self, output_model: type[BaseModel]) -> dict:
-        return request_params(self.settings, output_model, self._mode)
+    def request_params(self, output_model: type[BaseModel], max_tokens: int | None = None) -> dict:
+        return request_params(self.settings, output_model, self._mode, max_tokens)
 
     def call(self, messages: list[dict], output_model: type[BaseModel],
-             check: Callable[[BaseModel], None] | None = None) -> CallOutcome:
+             check: Callable[[BaseModel], None] | None = None, max_tokens: int | None = None) -> CallOutcome:
         s = self.settings
         messages = list(messages)
         attempts = tokens_in = tokens_out = 0
@@ -100,11 +102,12 @@ class StructuredCaller:
         raw = error = None
         started = time.monotonic()
         while True:
-            est = sum(approx_tokens(m["content"]) for m in messages) + s.max_output_tokens
-            self.limiter.acquire(est)
+            params = self.request_params(output_model, max_tokens)
+            prompt_est = sum(approx_tokens(m["content"]) for m in messages)
+            self.limiter.acquire(prompt_est + params["max_tokens"])
             attempts += 1
             try:
-                resp = self.client.chat.completions.create(messages=messages, **self.request_params(output_model))
+                resp = self.client.chat.completions.create(messages=messages, **params)
             except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                     openai.APIConnectionError) as exc:
                 transport_failures += 1
@@ -120,7 +123,7 @@ class StructuredCaller:
                     continue
                 break  # other 4xx: retrying the same request cannot help
             usage = getattr(resp, "usage", None)
-            tokens_in += getattr(usage, "prompt_tokens", None) or est - s.max_output_tokens
+            tokens_in += getattr(usage, "prompt_tokens", None) or prompt_est
             raw = resp.choices[0].message.content if resp.choices else None
             tokens_out += getattr(usage, "completion_tokens", None) or approx_tokens(raw or "")
             try:
@@ -145,7 +148,8 @@ class StructuredCaller:
         s = self.settings
         retry_after = _retry_after_s(exc)
         if retry_after is not None:
-            return min(max(retry_after, 0.0), s.backoff_max_s * 4) + random.uniform(0, 0.1)
+            # Honour the server's word (bounded against absurd values), plus a little jitter.
+            return min(max(retry_after, 0.0), max(s.backoff_max_s, 600.0)) + random.uniform(0, 0.1)
         base = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (failures - 1))
         return base * random.uniform(0.5, 1.0)  # jitter: tasks that failed together retry apart
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-Fault = str  # "429", "500", "timeout", "malformed", "schema"
+Fault = str  # "401", "429", "500", "timeout", "malformed", "schema"
 
 
 @dataclass
@@ -79,6 +79,10 @@ class FakeLLMServer:
                 if fault == "429":
                     return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                                       {"Retry-After": str(server.retry_after_s)})
+                if fault == "401":
+                    return self._send(401, {"error": {"message": "Incorrect API key provided: "
+                                                      + self.headers.get("Authorization", ""),
+                                                      "type": "invalid_request_error"}})
                 if fault == "500":
                     return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
                 if fault == "timeout":

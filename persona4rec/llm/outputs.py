@@ -7,7 +7,9 @@ and e-mails.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 SLOTS = ("category_preference", "purchase_purpose", "quality_criteria", "usage_context")
 
@@ -17,7 +19,7 @@ class _Strict(BaseModel):
 
 
 class ItemSummary(_Strict):
-    summary: str = Field(min_length=1, max_length=400,
+    summary: str = Field(min_length=1, max_length=320,
                          description="2-3 sentences: what the item is and who it is for")
 
 
@@ -37,13 +39,23 @@ class ReviewAspects(_Strict):
 
 
 class Persona(_Strict):
-    name: str = Field(min_length=1, max_length=60)
-    description: str = Field(min_length=1, max_length=300)
-    preference_rationale: str = Field(min_length=1, max_length=300)
+    name: str = Field(min_length=1, max_length=50)
+    description: str = Field(min_length=1, max_length=200)
+    preference_rationale: str = Field(min_length=1, max_length=200)
 
 
 class ItemPersonas(_Strict):
     personas: list[Persona] = Field(min_length=1, max_length=7)
+
+
+@lru_cache(maxsize=None)
+def item_personas_model(max_personas: int) -> type[ItemPersonas]:
+    """ItemPersonas whose schema allows at most `max_personas`, so constrained decoding cannot
+    exceed the configured cap (the class keeps its name: the schema name the endpoint sees)."""
+    if max_personas == 7:
+        return ItemPersonas
+    return create_model("ItemPersonas", __base__=ItemPersonas,
+                        personas=(list[Persona], Field(min_length=1, max_length=max_personas)))
 
 
 def response_schema(model: type[BaseModel]) -> dict:

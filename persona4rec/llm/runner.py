@@ -63,6 +63,8 @@ class LLMTask:
     prompt: Prompt
     output_model: type[BaseModel]
     check: Callable[[dict, BaseModel], None] | None = None
+    # Reply budget; enough for the longest valid reply (the schema bounds every string).
+    max_output_tokens: int = 512
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,12 @@ def cache_key(task: LLMTask, params: dict, messages: list[dict]) -> str:
 def make_request(task: LLMTask, settings: LLMSettings, messages: list[dict],
                  context: dict | None, partition_key: str) -> dict:
     """One row of REQUEST_SCHEMA (used by the stages inside their mapInPandas)."""
-    params = request_params(settings, task.output_model)
+    params = request_params(settings, task.output_model, max_tokens=task.max_output_tokens)
     text = json.dumps(messages, ensure_ascii=False)
     return {"key": cache_key(task, params, messages), "messages": text,
             "context": json.dumps(context, ensure_ascii=False) if context is not None else None,
             "partition_key": partition_key,
-            "est_tokens": len(text) // 4 + settings.max_output_tokens}
+            "est_tokens": len(text) // 4 + params["max_tokens"]}
 
 
 class LLMRunner:
@@ -162,6 +164,9 @@ class LLMRunner:
 
     def replies(self, requests: DataFrame) -> DataFrame:
         """requests ⟕ llm_calls: adds status, reply, error (null status = never called)."""
+        if not self.store.exists(LLM_CALLS.name):
+            return requests.select("*", *[F.lit(None).cast("string").alias(c)
+                                          for c in ("status", "reply", "error", "model", "prompt")])
         calls = self.store.read(LLM_CALLS.name).select("key", "status", "reply", "error", "model", "prompt")
         return requests.join(calls, "key", "left")
 
@@ -218,12 +223,13 @@ def _call_partition(settings: LLMSettings, endpoint: Endpoint, task: LLMTask, sh
             def one(key: str, messages: str, context: str | None) -> str:
                 ctx_obj = json.loads(context) if context else {}
                 check = (lambda obj: task.check(ctx_obj, obj)) if task.check else None
-                out = caller.call(json.loads(messages), task.output_model, check)
+                out = caller.call(json.loads(messages), task.output_model, check, task.max_output_tokens)
                 journal.write({
                     "key": key, "task": task.name, "prompt": task.prompt.fingerprint,
                     "model": settings.model, "status": out.status,
                     "request": json.dumps({"messages": json.loads(messages),
-                                           "params": caller.request_params(task.output_model)},
+                                           "params": caller.request_params(task.output_model,
+                                                                           task.max_output_tokens)},
                                           ensure_ascii=False),
                     "reply": out.reply, "raw_reply": out.raw_reply, "error": out.error,
                     "attempts": out.attempts, "tokens_in": out.tokens_in, "tokens_out": out.tokens_out,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
-from persona4rec.llm.outputs import SLOTS, ItemPersonas, ItemSummary, ReviewAspects
+from persona4rec.llm.outputs import SLOTS, ItemPersonas, ItemSummary, ReviewAspects, item_personas_model
 from persona4rec.llm.prompts import approx_tokens, load_prompt, untrusted
 from persona4rec.llm.runner import LLMTask
 
@@ -18,15 +18,16 @@ TUPLE_FIELD_TOKENS = 30
 
 
 def summary_task(domain: str) -> LLMTask:
-    return LLMTask("summarise_items", load_prompt(domain, "summary"), ItemSummary)
+    return LLMTask("summarise_items", load_prompt(domain, "summary"), ItemSummary, max_output_tokens=160)
 
 
 def aspects_task(domain: str) -> LLMTask:
-    return LLMTask("extract_aspects", load_prompt(domain, "aspects"), ReviewAspects)
+    return LLMTask("extract_aspects", load_prompt(domain, "aspects"), ReviewAspects, max_output_tokens=320)
 
 
-def personas_task(domain: str) -> LLMTask:
-    return LLMTask("build_personas", load_prompt(domain, "personas"), ItemPersonas, check=check_personas)
+def personas_task(domain: str, max_personas: int = 7) -> LLMTask:
+    return LLMTask("build_personas", load_prompt(domain, "personas"), item_personas_model(max_personas),
+                   check=check_personas, max_output_tokens=180 * max_personas)
 
 
 def check_personas(context: dict, reply: ItemPersonas) -> None:
@@ -132,14 +133,6 @@ def sample_pool(tuples: list[dict], token_budget: int) -> list[dict]:
 
 
 def persona_messages(domain: str, summary: str, pool: list[dict], n_reviews: int, max_personas: int) -> list[dict]:
-    return personas_task(domain).prompt.render(
+    return personas_task(domain, max_personas).prompt.render(
         summary=untrusted(summary, 120), n_reviews=n_reviews,
         aspects="\n".join(tuple_text(t) for t in pool), max_personas=max_personas)
-
-
-def persona_text(name: str, description: str, rationale: str) -> str:
-    return f"{name}. {description} {rationale}".strip()
-
-
-def persona_id(item_id: str, index: int, text: str) -> str:
-    return f"{item_id}#{index}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"

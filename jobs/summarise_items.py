@@ -1,0 +1,10 @@
+"""Offline LLM stage `summarise_items` (see persona4rec/offline/summarise.py).
+
+    spark-submit --packages io.delta:delta-spark_4.2_2.13:4.4.0 jobs/summarise_items.py [--target T] [--set k=v]
+"""
+
+from persona4rec.cli import run_job
+from persona4rec.offline.summarise import run
+
+if __name__ == "__main__":
+    run_job(__doc__, run)
