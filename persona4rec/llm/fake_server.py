@@ -70,9 +70,9 @@ class FakeLLMServer:
                     server.log.auth_headers.append(self.headers.get("Authorization", ""))
                     n = server._seen[h]
                     server._seen[h] += 1
-                fault = server.fault(body, n) if server.fault else None
                 if server.hold is not None:
                     server.hold.wait()
+                fault = server.fault(body, n) if server.fault else None
                 if fault:
                     with server.log.lock:
                         server.log.faults[fault] += 1
