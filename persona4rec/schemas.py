@@ -167,6 +167,20 @@ ITEM_PERSONAS = TableSpec(
     ]),
 )
 
+ALIGNMENT_PAIRS = TableSpec(
+    name="alignment_pairs",
+    keys=(USER_ID, ITEM_ID),
+    schema=T.StructType([
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField(TS, T.LongType(), False),
+        T.StructField("persona_id", T.StringType(), False),
+        T.StructField("justification", T.StringType(), False),
+        T.StructField("history_item_ids", T.ArrayType(T.StringType()), False),
+        *_LLM_PROVENANCE,  # status: succeeded (judged) | single (the item has one persona)
+    ]),
+)
+
 LLM_CALLS = TableSpec(
     name="llm_calls",
     keys=("key",),

@@ -127,6 +127,8 @@ def serve(model: str, host: str, port: int, threads: int, context: int, parallel
     params.model.path = model
     params.n_ctx = context
     params.n_parallel = parallel
+    # A server-side cap on generated tokens: a request whose client gave up must not keep a slot.
+    params.n_predict = 1024
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads
     if host != "127.0.0.1":

@@ -162,4 +162,19 @@ def schema_responder(body: dict) -> dict:
              "preference_rationale": "Values depth, per the aspects."},
             {"name": f"Critic {tag}", "description": "Finds it uneven.",
              "preference_rationale": "Quality criteria mention misses."}]}
+    if name == "AlignmentChoice":
+        return {"persona_number": overlap_choice(text), "justification": f"Closest to the history ({tag})."}
     return {"answer": tag}
+
+
+def _block(text: str, tag: str) -> str:
+    start, end = text.find(f"<{tag}>"), text.find(f"</{tag}>")
+    return text[start + len(tag) + 2:end] if 0 <= start < end else ""
+
+
+def overlap_choice(text: str) -> int:
+    """A judge with a real, learnable rule: the persona sharing most words with the history."""
+    history = set(_block(text, "history").lower().split())
+    lines = [ln for ln in _block(text, "personas").strip().splitlines() if ln.strip()]
+    scores = [len(history & set(ln.lower().split())) for ln in lines]
+    return 1 + max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 1

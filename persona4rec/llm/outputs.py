@@ -73,3 +73,8 @@ def response_schema(model: type[BaseModel]) -> dict:
         return node
 
     return inline(schema)
+
+
+class AlignmentChoice(_Strict):
+    persona_number: int = Field(ge=1, le=7, description="1-based number of the chosen persona")
+    justification: str = Field(min_length=1, max_length=400)

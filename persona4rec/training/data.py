@@ -1,0 +1,78 @@
+"""Training examples from Delta tables, the validation split, and batches without false negatives."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from pyspark.sql import functions as F
+
+from persona4rec.alignment.profiles import interaction_texts, profiles
+from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS, USER_ID
+from persona4rec.tables import TableStore
+
+
+@dataclass(frozen=True)
+class Example:
+    user_id: str
+    item_id: str
+    history: tuple[str, ...]  # interaction texts, oldest first (at most k)
+    persona_id: str  # the aligned persona
+    persona_text: str
+    item_personas: tuple[tuple[str, str], ...]  # every (persona_id, text) of the item, for accuracy
+
+
+def load_examples(store: TableStore, k: int) -> list[Example]:
+    """alignment_pairs ⋈ profiles ⋈ personas, collected to the driver (training is single-node)."""
+    splits = store.read("splits")
+    aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
+    prof = profiles(interaction_texts(splits, store.read(ITEM_SUMMARIES.name), aspects), k)
+    personas = store.read(ITEM_PERSONAS.name)
+    per_item = personas.groupBy(ITEM_ID).agg(
+        F.sort_array(F.collect_list(F.struct("persona_index", "persona_id", "persona_text"))).alias("all_personas"))
+    rows = (store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, "persona_id")
+            .join(prof.select(USER_ID, ITEM_ID, "history"), [USER_ID, ITEM_ID])
+            .join(personas.select("persona_id", "persona_text"), "persona_id")
+            .join(per_item, ITEM_ID)
+            .orderBy(USER_ID, ITEM_ID).collect())
+    return [Example(r[USER_ID], r[ITEM_ID], tuple(h["text"] for h in r["history"]), r["persona_id"],
+                    r["persona_text"], tuple((p["persona_id"], p["persona_text"]) for p in r["all_personas"]))
+            for r in rows if r["history"]]
+
+
+def is_validation_user(user_id: str, fraction: float, seed: int) -> bool:
+    """Deterministic, seedable user-level split: a user's pairs are all train or all validation."""
+    h = int(hashlib.sha256(f"{seed}:{user_id}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < fraction
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    train = [e for e in examples if not is_validation_user(e.user_id, fraction, seed)]
+    val = [e for e in examples if is_validation_user(e.user_id, fraction, seed)]
+    return train, val
+
+
+def unique_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches in which no user and no item appears twice.
+
+    With in-batch negatives, a second pair of the same user or item in the batch would be scored
+    as a negative although it is a positive: a false negative. An example that does not fit the
+    current batch waits for the next one; every example is used once per epoch.
+    """
+    pending = list(range(len(examples)))
+    rng.shuffle(pending)
+    batches: list[list[int]] = []
+    while pending:
+        batch, users, items, rest = [], set(), set(), []
+        for i in pending:
+            e = examples[i]
+            if len(batch) < batch_size and e.user_id not in users and e.item_id not in items:
+                batch.append(i)
+                users.add(e.user_id)
+                items.add(e.item_id)
+            else:
+                rest.append(i)
+        batches.append(batch)
+        pending = rest
+    return batches

@@ -1,0 +1,67 @@
+"""MLflow tracking and registry plumbing shared by training, promotion and scoring."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from persona4rec.config import Config
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def setup_mlflow(cfg: Config) -> MlflowClient:
+    uri = cfg.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if client.get_experiment_by_name(cfg.mlflow.experiment) is None and not uri.startswith("databricks"):
+        root = cfg.resolve_path(cfg.mlflow.artifact_root)
+        location = root if "://" in root else Path(root).resolve().as_uri()
+        client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    return client
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the model or the alias does not exist."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def model_uri(cfg: Config, alias: str) -> str:
+    return f"models:/{cfg.mlflow.registered_model}@{alias}"
+
+
+def load_alias(cfg: Config, alias: str):
+    """The sentence-transformers model behind an alias (None if the alias is not set)."""
+    import mlflow.sentence_transformers
+
+    client = setup_mlflow(cfg)
+    version = alias_version(client, cfg.mlflow.registered_model, alias)
+    if version is None:
+        return None, None
+    model = mlflow.sentence_transformers.load_model(model_uri(cfg, alias))
+    return model, version
+
+
+def register(cfg: Config, client: MlflowClient, model, input_example: list[str], metadata: dict,
+             alias: str = CHALLENGER) -> str:
+    """Log `model` (sentence_transformers flavour) in the active run, register it, and point
+    `alias` at the version this call created."""
+    import mlflow.sentence_transformers
+
+    info = mlflow.sentence_transformers.log_model(
+        model, name="encoder", input_example=input_example,
+        registered_model_name=cfg.mlflow.registered_model, metadata=metadata)
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(cfg.mlflow.registered_model, alias, version)
+    return version

@@ -1,0 +1,157 @@
+"""Encoder training as an MLflow run, registry aliases, and promotion, on a learnable synthetic set.
+
+Users prefer one of three hidden themes; their history texts name a sport, the personas a colour,
+and the sport→colour mapping is arbitrary. The un-tuned encoder cannot know it (about chance
+among an item's three personas); a working fine-tune learns it from the alignment pairs.
+"""
+
+import random
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import make_config
+from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS, SPLITS
+from persona4rec.tables import TableStore
+from persona4rec.training import job, promote
+from persona4rec.training.data import Example, unique_batches
+from persona4rec.training.encoder import add_lora, load_encoder, user_vector
+from persona4rec.training.registry import CHALLENGER, CHAMPION, register, setup_mlflow
+from persona4rec.training.trainer import info_nce
+
+SPORTS = ["tennis", "sailing", "climbing"]
+COLOURS = ["crimson", "teal", "amber"]
+
+
+def synthetic_tables(spark, cfg, users=48, items=12, per_user=6):
+    rng = random.Random(0)
+    store = TableStore(spark, cfg)
+    splits, aspects, pairs, personas = [], [], [], []
+    for i in range(items):
+        for t, colour in enumerate(COLOURS):
+            text = f"The {colour} collector. Wants {colour} editions of item {i}. Picks {colour} every time."
+            personas.append((f"I{i}#{t}", f"I{i}", t, f"The {colour} collector", f"Wants {colour} editions.",
+                             f"Picks {colour} every time.", text, "llm", 3, "succeeded", None, None, None))
+    for u in range(users):
+        theme = u % 3
+        chosen = rng.sample(range(items), per_user)
+        for seq, i in enumerate(chosen, start=1):
+            ts = 1_000 + seq * 10 + u
+            splits.append((f"U{u}", f"I{i}", ts, seq, "train"))
+            aspects.append((f"U{u}", f"I{i}", 5.0, None, f"{SPORTS[theme]} gear", "said so", None, None, None,
+                            None, None, None, 3, True, None, "succeeded", None, None, None))
+            if seq > 1:
+                pairs.append((f"U{u}", f"I{i}", ts, f"I{i}#{theme}", "theme match",
+                               [f"I{j}" for j in chosen[:seq - 1]], "succeeded", None, None, None))
+    summaries = [(f"I{i}", f"Item {i}, a general product.", "llm", "succeeded", None, None, None) for i in range(items)]
+    store.upsert(spark.createDataFrame(splits, SPLITS.schema), SPLITS)
+    store.upsert(spark.createDataFrame(summaries, ITEM_SUMMARIES.schema), ITEM_SUMMARIES)
+    store.upsert(spark.createDataFrame(aspects, REVIEW_ASPECTS.schema), REVIEW_ASPECTS)
+    store.upsert(spark.createDataFrame(personas, ITEM_PERSONAS.schema), ITEM_PERSONAS)
+    store.upsert(spark.createDataFrame(pairs, ALIGNMENT_PAIRS.schema), ALIGNMENT_PAIRS)
+    return store
+
+
+def training_config(tmp_path, *extra):
+    return make_config(tmp_path, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                       f"mlflow.artifact_root={tmp_path / 'mlruns'}", "train.max_seq_length=32",
+                       "train.epochs=3", "train.batch_size=8", "train.learning_rate=0.001",
+                       "train.validation_fraction=0.25", "profile.k=5", *extra)
+
+
+@pytest.mark.unit
+def test_info_nce_prefers_the_diagonal():
+    eye = torch.eye(4)
+    assert info_nce(eye, eye, 0.05) < 1e-3
+    assert info_nce(eye, eye.roll(1, 0), 0.05) > 10
+
+
+@pytest.mark.unit
+def test_batches_never_repeat_a_user_or_an_item():
+    ex = [Example(f"U{u % 5}", f"I{u % 7}", ("h",), "p", "t", ()) for u in range(60)]
+    batches = unique_batches(ex, 4, random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(60))
+    for b in batches:
+        assert len({ex[i].user_id for i in b}) == len(b) == len({ex[i].item_id for i in b})
+
+
+@pytest.mark.unit
+def test_user_vector_is_a_normalised_decayed_mean():
+    h = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)  # oldest, newest
+    v = user_vector(h, gamma=0.5)
+    expected = np.array([0.5, 1.0]) / np.linalg.norm([0.5, 1.0])
+    assert np.allclose(v, expected, atol=1e-6)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_training_is_an_mlflow_run_registered_as_challenger_and_beats_the_untuned_encoder(spark, tmp_path):
+    cfg = training_config(tmp_path)
+    synthetic_tables(spark, cfg)
+    report, model = job.fit(spark, cfg)
+
+    # Accuracy: the fine-tuned encoder learned what the un-tuned one cannot know.
+    assert report.val_pairs >= 20
+    assert report.final["top1_accuracy"] >= report.baseline["top1_accuracy"] + 0.25, report
+    assert report.final["top1_accuracy"] >= 0.8
+
+    client = MlflowClient(cfg.tracking_uri())
+    run = client.get_run(report.run_id)
+    assert run.data.params["train.lora_rank"] == "16" and run.data.params["profile.k"] == "5"
+    assert "input.alignment_pairs.delta_version" in run.data.tags
+    assert len(client.get_metric_history(report.run_id, "train_loss")) == report.steps
+    assert len(client.get_metric_history(report.run_id, "top1_accuracy")) == 3
+    artifacts = {a.path for a in client.list_artifacts(report.run_id)}
+    assert {"loss_curve.png", "config.yaml", "input_versions.json"} <= artifacts
+    assert not any("api_key" in k.lower() and v for k, v in run.data.params.items())
+
+    version = client.get_model_version_by_alias(cfg.mlflow.registered_model, CHALLENGER)
+    assert str(version.version) == report.model_version and version.run_id == report.run_id
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}@{CHALLENGER}")
+    texts = ["tennis gear for weekends", "The teal collector. Wants teal editions."]
+    served = np.asarray(pyfunc.predict(texts))
+    trained = model.encode(texts, convert_to_numpy=True)
+    assert np.allclose(served, trained, atol=1e-5)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path):
+    cfg = training_config(tmp_path, "train.epochs=2")
+    synthetic_tables(spark, cfg)
+    client = setup_mlflow(cfg)
+    name = cfg.mlflow.registered_model
+
+    # v1: the un-tuned encoder becomes champion (there is none yet).
+    with mlflow.start_run(run_name="untuned"):
+        v1 = register(cfg, client, load_encoder(cfg.train.base_model, "cpu", 32), ["x"], {})
+    first = promote.run(spark, cfg)
+    assert first.promoted and first.reason == "no champion yet"
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
+
+    # v2: a fine-tuned challenger beats it.
+    report, _ = job.fit(spark, cfg)
+    second = promote.run(spark, cfg)
+    assert second.promoted, second
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
+
+    # v3: a deliberately broken model (adapters re-initialised at random) is refused.
+    broken = add_lora(load_encoder(cfg.train.base_model, "cpu", 32), 16, 32, 0.0, seed=5)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in broken.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)
+    from persona4rec.training.encoder import merge_lora
+
+    with mlflow.start_run(run_name="broken"):
+        v3 = register(cfg, client, merge_lora(broken), ["x"], {})
+    third = promote.run(spark, cfg)
+    assert not third.promoted and third.challenger_version == v3
+    assert third.challenger_score < third.champion_score
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
+    tags = client.get_model_version(name, v3).tags
+    assert tags["promotion_decision"] == "refused"
