@@ -177,6 +177,32 @@ class MLflowSettings:
 
 
 @dataclass(frozen=True)
+class CandidateSettings:
+    generators: tuple[Literal["als", "bpr"], ...] = ("als", "bpr")
+    top_n: int = 20
+    seed: int = 7
+    als_rank: int = 32
+    als_reg: float = 0.05
+    als_alpha: float = 20.0
+    als_iterations: int = 15
+    bpr_dim: int = 32
+    bpr_epochs: int = 40
+    bpr_lr: float = 0.05
+    bpr_reg: float = 0.001
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    generator: Literal["als", "bpr"] = "bpr"  # whose candidates are reranked
+    top_k: int = 10
+    # final = alpha * z(persona score) + (1 - alpha) * z(CF score), per user; 1 = pure rerank.
+    alpha: float = 1.0
+    explanation_max_chars: int = 240
+    run_date: str | None = None  # YYYY-MM-DD; null = today (UTC)
+    history_splits: tuple[str, ...] = ("train",)  # interactions that make the user vector
+
+
+@dataclass(frozen=True)
 class Config:
     spark: SparkSettings = field(default_factory=SparkSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -187,6 +213,8 @@ class Config:
     profile: ProfileSettings = field(default_factory=ProfileSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
+    candidates: CandidateSettings = field(default_factory=CandidateSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     # The folder that holds conf/ (set by load_config): relative paths are resolved against it.
     project_root: str = str(PROJECT_ROOT)
 
@@ -234,6 +262,14 @@ class Config:
         _check(t.temperature > 0, "train.temperature", t.temperature, "must be > 0")
         _check(t.epochs >= 1 and t.grad_accumulation >= 1, "train.epochs", t.epochs,
                "epochs and grad_accumulation must be >= 1")
+        _check(self.candidates.top_n >= 1, "candidates.top_n", self.candidates.top_n, "must be >= 1")
+        _check(len(self.candidates.generators) >= 1, "candidates.generators", self.candidates.generators,
+               "must name at least one generator")
+        _check(1 <= self.scoring.top_k <= self.candidates.top_n, "scoring.top_k", self.scoring.top_k,
+               f"must be within 1..candidates.top_n ({self.candidates.top_n})")
+        _check(0 <= self.scoring.alpha <= 1, "scoring.alpha", self.scoring.alpha, "must be within [0, 1]")
+        _check(self.scoring.generator in self.candidates.generators, "scoring.generator", self.scoring.generator,
+               f"must be one of candidates.generators {list(self.candidates.generators)}")
         _check(self.profile.k >= 1, "profile.k", self.profile.k, "must be >= 1")
         _check(0 < self.profile.gamma <= 1, "profile.gamma", self.profile.gamma, "must be within (0, 1]")
         return self

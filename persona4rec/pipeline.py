@@ -17,7 +17,10 @@ from persona4rec.config import Config
 from persona4rec.ingest import job as ingest
 from persona4rec.llm.embedded import llm_endpoint
 from persona4rec.offline import aspects, personas, summarise
+from persona4rec.scoring import candidates, index, score
 from persona4rec.tables import TableStore
+from persona4rec.training import job as train_encoder
+from persona4rec.training import promote as promote_model
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +31,15 @@ STAGES: list[tuple[str, Callable[..., Any], bool]] = [
     ("extract_aspects", aspects.run, True),
     ("build_personas", personas.run, True),
     ("align", align.run, True),
+    ("train_encoder", train_encoder.run, False),
+    ("promote_model", promote_model.run, False),
+    ("build_index", index.run, False),
+    ("generate_candidates", candidates.run, False),
+    ("score_users", score.run, False),
 ]
 TABLES = ("reviews", "items", "splits", "rejected_records", "item_summaries", "review_aspects",
-          "item_personas", "alignment_pairs", "llm_calls")
+          "item_personas", "alignment_pairs", "llm_calls", "persona_index", "interaction_embeddings",
+          "candidates", "recommendations")
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
@@ -58,3 +67,10 @@ def show_outputs(spark: SparkSession, cfg: Config) -> None:
                 .orderBy("item_id", "persona_index").limit(4).collect())
         for r in rows:
             print(f"  {r.item_id} ({r.title or 'no title'}) · {r.name}: {r.description[:120]}")
+    if store.exists("recommendations"):
+        print("\nA few recommendations:")
+        recs = (store.read("recommendations").join(store.read("items").select("item_id", "title"), "item_id", "left")
+                .orderBy("user_id", "rank").limit(6).collect())
+        for r in recs:
+            print(f"  {r.user_id} #{r['rank']}: {r.item_id} ({r.title or 'no title'}) — {r.explanation}")
+    print(f"\nMLflow: {cfg.tracking_uri()} (mlflow ui --backend-store-uri {cfg.tracking_uri()})")

@@ -181,6 +181,72 @@ ALIGNMENT_PAIRS = TableSpec(
     ]),
 )
 
+_VECTOR = T.ArrayType(T.FloatType())
+
+PERSONA_INDEX = TableSpec(
+    name="persona_index",
+    keys=("persona_id",),
+    schema=T.StructType([
+        T.StructField("persona_id", T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField("persona_index", T.IntegerType(), False),
+        T.StructField("name", T.StringType(), False),
+        T.StructField("description", T.StringType(), False),
+        T.StructField("preference_rationale", T.StringType(), False),
+        T.StructField("embedding", _VECTOR, False),  # L2-normalised
+        T.StructField("model_version", T.StringType(), False),
+    ]),
+)
+
+INTERACTION_EMBEDDINGS = TableSpec(
+    name="interaction_embeddings",
+    keys=(USER_ID, ITEM_ID),
+    schema=T.StructType([
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField(TS, T.LongType(), False),
+        T.StructField("seq", T.IntegerType(), False),
+        T.StructField(SPLIT, T.StringType(), False),
+        T.StructField("text_hash", T.StringType(), False),
+        T.StructField("embedding", _VECTOR, False),
+        T.StructField("model_version", T.StringType(), False),
+    ]),
+)
+
+CANDIDATES = TableSpec(
+    name="candidates",
+    keys=("generator", USER_ID, ITEM_ID),
+    partition_by=("generator",),
+    schema=T.StructType([
+        T.StructField("generator", T.StringType(), False),  # als | bpr
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField("cf_score", T.DoubleType(), False),
+        T.StructField("cf_rank", T.IntegerType(), False),
+    ]),
+)
+
+RECOMMENDATIONS = TableSpec(
+    name="recommendations",
+    keys=("run_date", "generator", USER_ID, "rank"),
+    partition_by=("run_date",),
+    schema=T.StructType([
+        T.StructField("run_date", T.DateType(), False),
+        T.StructField("generator", T.StringType(), False),
+        T.StructField("model_version", T.StringType(), False),
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField("rank", T.IntegerType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField("score", T.DoubleType(), False),
+        T.StructField("persona_score", T.DoubleType(), True),
+        T.StructField("cf_rank", T.IntegerType(), False),
+        T.StructField("persona_id", T.StringType(), True),
+        T.StructField("persona_name", T.StringType(), True),
+        T.StructField("explanation", T.StringType(), False),
+        T.StructField("has_history", T.BooleanType(), False),  # false: CF order, generic explanation
+    ]),
+)
+
 LLM_CALLS = TableSpec(
     name="llm_calls",
     keys=("key",),

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from delta.tables import DeltaTable
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -112,7 +113,10 @@ class TableStore:
         that are recomputed whole, like the splits. `update_condition` (SQL on `t.`/`s.`) further
         restricts which matched rows may be updated (the LLM cache never overwrites a success).
         """
-        source, dropped = self._dedupe(self._conform(df, spec), spec)
+        # Persisted: the source is read twice (key check, MERGE) and may be expensive to
+        # recompute (model inference, file parsing).
+        conformed = self._conform(df, spec).persist(StorageLevel.MEMORY_AND_DISK)
+        source, dropped = self._dedupe(conformed, spec)
         target = self.ensure(spec)
         before = self.version(spec.name)
         on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.keys)
@@ -128,6 +132,7 @@ class TableStore:
         if delete_missing:
             merge = merge.whenNotMatchedBySourceDelete(condition=delete_missing_condition)
         merge.execute()
+        conformed.unpersist()
         return self._result(spec.name, dropped, before, "MERGE")
 
     def replace_where(self, df: DataFrame, spec: TableSpec, predicate: str) -> WriteResult:

@@ -24,8 +24,8 @@ class ItemSummary(_Strict):
 
 
 class AspectSlot(_Strict):
-    value: str = Field(min_length=1, max_length=80, description="the aspect, in a few words")
-    reason: str = Field(min_length=1, max_length=160, description="why, from the review")
+    value: str = Field(min_length=1, max_length=48, description="the aspect, in a few words")
+    reason: str = Field(min_length=1, max_length=100, description="why, from the review")
 
 
 class ReviewAspects(_Strict):

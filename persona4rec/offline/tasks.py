@@ -22,7 +22,7 @@ def summary_task(domain: str) -> LLMTask:
 
 
 def aspects_task(domain: str) -> LLMTask:
-    return LLMTask("extract_aspects", load_prompt(domain, "aspects"), ReviewAspects, max_output_tokens=320)
+    return LLMTask("extract_aspects", load_prompt(domain, "aspects"), ReviewAspects, max_output_tokens=240)
 
 
 def personas_task(domain: str, max_personas: int = 7) -> LLMTask:

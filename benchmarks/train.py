@@ -1,0 +1,96 @@
+"""Training step time on the CPU: our InfoNCE over γ-decayed user vectors vs a plain
+sentence-transformers MultipleNegativesRankingLoss step on the same pairs, in the same run.
+
+    .venv/bin/python benchmarks/train.py [--steps 20] [--batch 16] [--k 10]
+
+Both use the packaged all-MiniLM-L6-v2 with the same LoRA adapters (r 16), AdamW, batch 16,
+max_seq_length 128 and the same (user, persona) pairs. Ours embeds the k interaction texts of each
+user (the method); the baseline embeds one anchor text per pair — the user's history joined into
+one string, cut at max_seq_length — so it sees less of the history. Ends with one JSON line:
+{"bench": "train", "ours_s_per_step", "baseline_s_per_step", "ratio", "peak_rss_mb", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import time
+
+import torch
+
+from persona4rec.training.data import Example
+from persona4rec.training.encoder import PACKAGED, add_lora, load_encoder
+from persona4rec.training.trainer import batch_user_vectors, encode_with_grad, info_nce
+
+WORDS = ("warm tone sturdy strings cheap gift beginner stage studio bright loud quiet tuning pedal "
+         "cable amp practice travel case hardware finish neck fret bridge pickup").split()
+
+
+def text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def examples(n: int, k: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    return [Example(f"U{i}", f"I{i}", tuple(f"Item summary: {text(rng, 25)} | prefers: {text(rng, 6)}"
+                                            for _ in range(k)), f"P{i}", f"Persona. {text(rng, 30)}", ())
+            for i in range(n)]
+
+
+def time_steps(step, batches) -> float:
+    step(batches[0])  # warm-up (allocations, first kernels)
+    started = time.perf_counter()
+    for b in batches[1:]:
+        step(b)
+    return (time.perf_counter() - started) / (len(batches) - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--gamma", type=float, default=0.9)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ex = examples(args.batch * (args.steps + 1), args.k)
+    batches = [ex[i:i + args.batch] for i in range(0, len(ex), args.batch)]
+
+    ours = add_lora(load_encoder(PACKAGED, "cpu", 128), 16, 32, 0.05, seed=0)
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=2e-4)
+    ours.train()
+
+    def our_step(b):
+        users = batch_user_vectors(ours, [e.history for e in b], args.gamma)
+        loss = info_nce(users, encode_with_grad(ours, [e.persona_text for e in b]), 0.05)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    ours_s = time_steps(our_step, batches)
+
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    base = add_lora(load_encoder(PACKAGED, "cpu", 128), 16, 32, 0.05, seed=0)
+    mnrl = MultipleNegativesRankingLoss(base)
+    bopt = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=2e-4)
+    base.train()
+
+    def baseline_step(b):
+        feats = [base.tokenize([" ; ".join(e.history) for e in b]), base.tokenize([e.persona_text for e in b])]
+        loss = mnrl(feats, None)
+        loss.backward()
+        bopt.step()
+        bopt.zero_grad()
+
+    base_s = time_steps(baseline_step, batches)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"bench": "train", "ours_s_per_step": round(ours_s, 3), "baseline_s_per_step": round(base_s, 3),
+                      "ratio": round(ours_s / base_s, 3), "peak_rss_mb": round(peak_mb, 1),
+                      "batch": args.batch, "k": args.k, "steps": args.steps, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Job `generate_candidates`: first-stage CF candidates, top-N per user, seen items excluded.
+
+Generators (`candidates.generators`): `als` — Spark MLlib ALS with implicit feedback; `bpr` —
+BPR-MF (Rendle et al., 2009), the paper's generator, in numpy on the driver (interactions of a
+batch recommender fit in driver memory well past the sizes here). Both train on the training
+split only, so evaluation on validation/test is honest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from pyspark.ml.recommendation import ALS
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from persona4rec.config import Config
+from persona4rec.schemas import CANDIDATES, ITEM_ID, SPLIT, TRAIN, USER_ID
+from persona4rec.tables import TableStore
+
+log = logging.getLogger(__name__)
+
+
+def _indexed(train: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
+    users = train.select(USER_ID).distinct().orderBy(USER_ID).withColumn(
+        "u", F.row_number().over(Window.orderBy(USER_ID)) - 1)
+    items = train.select(ITEM_ID).distinct().orderBy(ITEM_ID).withColumn(
+        "i", F.row_number().over(Window.orderBy(ITEM_ID)) - 1)
+    return train.join(users, USER_ID).join(items, ITEM_ID), users, items
+
+
+def als_candidates(spark: SparkSession, train: DataFrame, n: int, rank: int, reg: float, alpha: float,
+                   iterations: int, seed: int) -> DataFrame:
+    data, users, items = _indexed(train)
+    model = ALS(userCol="u", itemCol="i", ratingCol="r", implicitPrefs=True, rank=rank, regParam=reg,
+                alpha=alpha, maxIter=iterations, seed=seed, coldStartStrategy="drop") \
+        .fit(data.select("u", "i", F.lit(1.0).alias("r")))
+    most_seen = data.groupBy("u").count().agg(F.max("count")).first()[0] or 0
+    recs = model.recommendForAllUsers(n + int(most_seen)) \
+        .select("u", F.posexplode("recommendations").alias("pos", "rec")) \
+        .select("u", F.col("rec.i").alias("i"), F.col("rec.rating").cast("double").alias("cf_score"))
+    recs = recs.join(data.select("u", "i"), ["u", "i"], "left_anti")
+    w = Window.partitionBy("u").orderBy(F.col("cf_score").desc(), F.col("i"))
+    top = recs.withColumn("cf_rank", F.row_number().over(w)).filter(F.col("cf_rank") <= n)
+    return top.join(users, "u").join(items, "i").select(
+        F.lit("als").alias("generator"), USER_ID, ITEM_ID, "cf_score", "cf_rank")
+
+
+def train_bpr(u: np.ndarray, i: np.ndarray, n_users: int, n_items: int, dim: int, epochs: int, lr: float,
+              reg: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """BPR-MF by SGD on (user, positive, sampled negative) triples, vectorised per mini-batch."""
+    rng = np.random.default_rng(seed)
+    P = rng.normal(0, 0.1, (n_users, dim)).astype(np.float32)
+    Q = rng.normal(0, 0.1, (n_items, dim)).astype(np.float32)
+    seen = set(zip(u.tolist(), i.tolist()))
+    batch = 256
+    for _ in range(epochs):
+        order = rng.permutation(len(u))
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            bu, bi = u[idx], i[idx]
+            bj = rng.integers(0, n_items, len(idx))
+            for k in range(len(idx)):  # resample negatives that are positives
+                tries = 0
+                while (bu[k], bj[k]) in seen and tries < 10:
+                    bj[k] = rng.integers(0, n_items)
+                    tries += 1
+            pu, qi, qj = P[bu], Q[bi], Q[bj]
+            x = np.sum(pu * (qi - qj), axis=1)
+            g = (1.0 / (1.0 + np.exp(x)))[:, None]  # d/dx of -log sigmoid(x), negated
+            np.add.at(P, bu, lr * (g * (qi - qj) - reg * pu))
+            np.add.at(Q, bi, lr * (g * pu - reg * qi))
+            np.add.at(Q, bj, lr * (-g * pu - reg * qj))
+    return P, Q
+
+
+def bpr_candidates(spark: SparkSession, train: DataFrame, n: int, dim: int, epochs: int, lr: float,
+                   reg: float, seed: int) -> DataFrame:
+    pdf = train.select(USER_ID, ITEM_ID).toPandas()
+    users = np.array(sorted(pdf[USER_ID].unique()), dtype=object)
+    items = np.array(sorted(pdf[ITEM_ID].unique()), dtype=object)
+    u = pd.Index(users).get_indexer(pdf[USER_ID])
+    i = pd.Index(items).get_indexer(pdf[ITEM_ID])
+    P, Q = train_bpr(u, i, len(users), len(items), dim, epochs, lr, reg, seed)
+    seen: dict[int, list[int]] = {}
+    for a, b in zip(u, i):
+        seen.setdefault(int(a), []).append(int(b))
+    rows = []
+    for s in range(0, len(users), 2048):
+        scores = P[s:s + 2048] @ Q.T
+        for r in range(scores.shape[0]):
+            scores[r, seen.get(s + r, [])] = -np.inf
+        k = min(n, len(items))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        for r in range(scores.shape[0]):
+            order = top[r][np.lexsort((top[r], -scores[r, top[r]]))]
+            for rank, j in enumerate(order, start=1):
+                if np.isfinite(scores[r, j]):
+                    rows.append(("bpr", users[s + r], items[j], float(scores[r, j]), rank))
+    return spark.createDataFrame(rows, CANDIDATES.schema)
+
+
+def run(spark: SparkSession, cfg: Config) -> dict:
+    store = TableStore(spark, cfg)
+    c = cfg.candidates
+    train = store.read("splits").filter(F.col(SPLIT) == TRAIN).select(USER_ID, ITEM_ID).persist()
+    out = {}
+    for gen in c.generators:
+        if gen == "als":
+            df = als_candidates(spark, train, c.top_n, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations, c.seed)
+        else:
+            df = bpr_candidates(spark, train, c.top_n, c.bpr_dim, c.bpr_epochs, c.bpr_lr, c.bpr_reg, c.seed)
+        w = store.upsert(df, CANDIDATES, delete_missing=True, delete_missing_condition=f"t.generator = '{gen}'")
+        out[gen] = {"version": w.version, **w.metrics}
+        log.info("candidates %s: top-%d per user written", gen, c.top_n)
+    train.unpersist()
+    return out

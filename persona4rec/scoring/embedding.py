@@ -1,0 +1,77 @@
+"""Which encoder scores, and embedding text columns inside Spark.
+
+The encoder is `models:/<registered_model>@champion`; with no champion yet, the un-tuned base
+encoder is used and every output row says so (`model_version = untuned:<name>`). The driver puts
+the model in a folder the executors can read; each Python worker loads it once (module cache),
+not once per batch, and encodes texts in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+
+from persona4rec.config import Config
+from persona4rec.training.encoder import resolve_model_name
+
+log = logging.getLogger(__name__)
+_WORKER_MODELS: dict[str, object] = {}
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    path: str  # a folder SentenceTransformer can load
+    version: str  # registry version, or "untuned:<base model>"
+
+
+def resolve_encoder(cfg: Config) -> EncoderRef:
+    from persona4rec.training.registry import CHAMPION, alias_version, load_alias, setup_mlflow
+
+    client = setup_mlflow(cfg)
+    version = alias_version(client, cfg.mlflow.registered_model, CHAMPION)
+    if version is None:
+        log.warning("no @%s for %s at %s: scoring with the un-tuned encoder %s", CHAMPION,
+                    cfg.mlflow.registered_model, cfg.tracking_uri(), cfg.train.base_model)
+        return EncoderRef(resolve_model_name(cfg.train.base_model), f"untuned:{cfg.train.base_model}")
+    folder = os.path.join(cfg.resolve_path(cfg.storage.root), "_models", f"{cfg.mlflow.registered_model}-v{version}")
+    if not os.path.isdir(folder):
+        model, _ = load_alias(cfg, CHAMPION)
+        model.save(folder)
+    return EncoderRef(folder, str(version))
+
+
+def worker_model(path: str):
+    model = _WORKER_MODELS.get(path)
+    if model is None:
+        from sentence_transformers import SentenceTransformer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model = SentenceTransformer(path, device="cpu")
+        _WORKER_MODELS[path] = model
+    return model
+
+
+def embed_column(df: DataFrame, text_col: str, ref: EncoderRef, batch_size: int = 64) -> DataFrame:
+    """df + `embedding` (array<float>, L2-normalised) + `model_version`; other columns kept."""
+    schema = T.StructType(df.schema.fields + [T.StructField("embedding", T.ArrayType(T.FloatType())),
+                                              T.StructField("model_version", T.StringType())])
+    path, version = ref.path, ref.version
+
+    def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        model = worker_model(path)
+        for pdf in batches:
+            vecs = model.encode(pdf[text_col].tolist(), batch_size=batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False).astype(np.float32)
+            out = pdf.copy()
+            out["embedding"] = list(vecs)
+            out["model_version"] = version
+            yield out
+
+    return df.mapInPandas(encode, schema)

@@ -1,0 +1,68 @@
+"""Job `build_index`: the persona-profiled item index and the interaction embedding cache.
+
+Both are embedded with the scoring encoder (`@champion`, else the un-tuned one) and carry its
+version in every row. Only what is new is embedded: a persona whose id (which hashes its text)
+and model version are already indexed is kept; an interaction whose text hash and model version
+are already cached is kept; a new interaction adds one row. A new model version re-embeds all.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from persona4rec.alignment.profiles import interaction_texts
+from persona4rec.config import Config
+from persona4rec.schemas import (INTERACTION_EMBEDDINGS, ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, PERSONA_INDEX,
+                                 REVIEW_ASPECTS, USER_ID)
+from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder
+from persona4rec.tables import TableStore
+
+log = logging.getLogger(__name__)
+
+
+def _reuse(store: TableStore, table: str, current: DataFrame, keys: list[str], version: str) -> tuple[DataFrame, DataFrame]:
+    """(rows to embed, already-embedded rows to keep) for the given model version."""
+    if not store.exists(table):
+        return current, None
+    done = store.read(table).filter(F.col("model_version") == version)
+    keep = done.join(current.select(*keys), keys, "left_semi")
+    return current.join(done.select(*keys), keys, "left_anti"), keep
+
+
+def index_personas(store: TableStore, ref: EncoderRef) -> tuple[DataFrame, int]:
+    personas = store.read(ITEM_PERSONAS.name).select(
+        "persona_id", ITEM_ID, "persona_index", "name", "description", "preference_rationale", "persona_text")
+    todo, keep = _reuse(store, PERSONA_INDEX.name, personas, ["persona_id"], ref.version)
+    n = todo.count()
+    fresh = embed_column(todo, "persona_text", ref).select(PERSONA_INDEX.columns)
+    return (fresh if keep is None else fresh.unionByName(keep.select(PERSONA_INDEX.columns))), n
+
+
+def embed_interactions(store: TableStore, ref: EncoderRef) -> tuple[DataFrame, int]:
+    aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
+    texts = interaction_texts(store.read("splits"), store.read(ITEM_SUMMARIES.name), aspects) \
+        .withColumn("text_hash", F.sha2("text", 256))
+    todo, keep = _reuse(store, INTERACTION_EMBEDDINGS.name, texts, [USER_ID, ITEM_ID, "text_hash"], ref.version)
+    n = todo.count()
+    fresh = embed_column(todo, "text", ref).select(INTERACTION_EMBEDDINGS.columns)
+    if keep is not None:
+        keep = keep.join(texts.select(USER_ID, ITEM_ID, "ts", "seq", "split", "text_hash"),
+                         [USER_ID, ITEM_ID, "text_hash"], "left_semi")
+    return (fresh if keep is None else fresh.unionByName(keep.select(INTERACTION_EMBEDDINGS.columns))), n
+
+
+def run(spark: SparkSession, cfg: Config) -> dict:
+    store = TableStore(spark, cfg)
+    ref = resolve_encoder(cfg)
+    personas, n_personas = index_personas(store, ref)
+    w1 = store.upsert(personas.repartition(spark.sparkContext.defaultParallelism), PERSONA_INDEX, delete_missing=True)
+    interactions, n_inter = embed_interactions(store, ref)
+    w2 = store.upsert(interactions.repartition(spark.sparkContext.defaultParallelism), INTERACTION_EMBEDDINGS,
+                      delete_missing=True)
+    log.info("index with %s: %d persona(s) and %d interaction(s) embedded", ref.version, n_personas, n_inter)
+    return {"model_version": ref.version, "personas_embedded": n_personas, "interactions_embedded": n_inter,
+            "persona_index": {"version": w1.version, **w1.metrics},
+            "interaction_embeddings": {"version": w2.version, **w2.metrics}}

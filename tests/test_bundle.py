@@ -1,0 +1,42 @@
+"""databricks.yml deploys the same jobs/*.py with arguments those jobs accept."""
+
+import re
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from persona4rec.cli import parser
+from persona4rec.config import load_config
+
+pytestmark = pytest.mark.unit
+
+BUNDLE = yaml.safe_load((ROOT / "databricks.yml").read_text())
+
+
+def substitute(value: str) -> str:
+    defaults = {k: str(v.get("default")) for k, v in BUNDLE["variables"].items()}
+    return re.sub(r"\$\{var\.(\w+)\}", lambda m: defaults[m.group(1)], value)
+
+
+def tasks():
+    for job_name, job in BUNDLE["resources"]["jobs"].items():
+        for task in job["tasks"]:
+            yield job_name, task
+
+
+def test_bundle_has_dev_and_prod_and_the_expected_jobs():
+    assert set(BUNDLE["targets"]) == {"dev", "prod"}
+    assert BUNDLE["targets"]["dev"]["presets"]["trigger_pause_status"] == "PAUSED"
+    assert {"offline_reasoning", "training"} <= set(BUNDLE["resources"]["jobs"])
+
+
+@pytest.mark.parametrize("job_name, task", list(tasks()), ids=lambda x: x if isinstance(x, str) else x["task_key"])
+def test_every_task_runs_an_existing_job_with_valid_arguments(job_name, task):
+    spt = task["spark_python_task"]
+    assert (ROOT / spt["python_file"]).is_file()
+    args = parser("x").parse_args([substitute(p) for p in spt.get("parameters", [])])
+    cfg = load_config(args.target, args.overrides)  # unknown keys or bad values would raise
+    assert cfg.storage.schema
+    for dep in task.get("depends_on", []):
+        assert dep["task_key"] in {t["task_key"] for _, t in tasks()}
