@@ -10,6 +10,7 @@ job. Secrets never live here: config only names the environment variable that ho
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 import sys
@@ -419,6 +420,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return str(value).lower()
         if isinstance(value, (str, int, float)):
             return str(value)
+        if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads 2026-01-02 as a date
+            return value.isoformat()
         raise ConfigError(f"config key '{key}' has bad value {value!r}: expected a string")
     raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover
 
