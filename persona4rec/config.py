@@ -86,8 +86,8 @@ class EmbeddedLLMSettings:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
     threads: int = 2
-    context: int = 8192
-    parallel: int = 2  # llama.cpp slots: requests served at once (context is split among them)
+    context: int = 4096
+    parallel: int = 1  # llama.cpp slots: requests served at once (context is split among them)
     startup_timeout_s: float = 120.0
 
 

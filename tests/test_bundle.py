@@ -40,3 +40,9 @@ def test_every_task_runs_an_existing_job_with_valid_arguments(job_name, task):
     assert cfg.storage.schema
     for dep in task.get("depends_on", []):
         assert dep["task_key"] in {t["task_key"] for _, t in tasks()}
+
+
+def test_scoring_job_is_scheduled_and_paused_in_dev():
+    scoring = BUNDLE["resources"]["jobs"]["scoring"]
+    assert scoring["schedule"]["quartz_cron_expression"]
+    assert [t["task_key"] for t in scoring["tasks"]] == ["build_index", "generate_candidates", "score_users"]
