@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -61,19 +62,24 @@ class EmbeddedServer:
         self.port = settings.port or _free_port(settings.host)
         self.base_url = f"http://{settings.host}:{self.port}/v1"
         self._proc: subprocess.Popen | None = None
+        self._log = None
+        self.log_path = os.path.join(tempfile.gettempdir(), f"persona4rec-llm-{self.port}.log")
 
     def start(self) -> "EmbeddedServer":
         s = self.settings
         cmd = [sys.executable, "-m", "persona4rec.llm.embedded", "--model", self.model_path,
                "--host", s.host, "--port", str(self.port), "--threads", str(s.threads),
                "--context", str(s.context), "--parallel", str(s.parallel)]
-        log.info("starting embedded LLM %s on %s", Path(self.model_path).name, self.base_url)
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True)
+        log.info("starting embedded LLM %s on %s (log: %s)", Path(self.model_path).name, self.base_url,
+                 self.log_path)
+        # The server logs every request: its output goes to a file, never to a pipe nobody reads
+        # (a full pipe buffer blocks the server mid-request after a few hundred calls).
+        self._log = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + s.startup_timeout_s
         while time.time() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace")[-2000:] if self._proc.stderr else ""
+                err = Path(self.log_path).read_bytes()[-2000:].decode(errors="replace")
                 raise RuntimeError(f"embedded LLM server exited with {self._proc.returncode}: {err}")
             try:
                 with urllib.request.urlopen(self.base_url + "/models", timeout=2) as resp:
@@ -92,8 +98,9 @@ class EmbeddedServer:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-        if self._proc and self._proc.stderr:
-            self._proc.stderr.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         self._proc = None
 
     def __enter__(self) -> "EmbeddedServer":
