@@ -51,6 +51,7 @@ def main() -> None:
                 f"storage.root={tmp}/warehouse", "ingest.format=amazon2014", f"ingest.reviews_path={src}",
                 "ingest.items_path=null", "split.kcore=1", "offline.evaluation_mode=false",
                 "llm.provider=openai", f"llm.base_url={srv.base_url}", "llm.requests_per_minute=1000000",
+                "llm.tokens_per_minute=1000000000",
                 f"llm.concurrency_per_task={args.concurrency}", "llm.progress_interval_s=5"])
             spark = get_spark(cfg)
             ingest.run(spark, cfg)

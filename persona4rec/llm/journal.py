@@ -1,6 +1,6 @@
 """Append-only journal of finished LLM calls: what makes a paid call durable the moment it ends.
 
-Executors append one JSON line per finished call (flushed and fsynced) to a file of their own
+Executors append one JSON line per finished call (flushed at once) to a file of their own
 under `<journal_dir>/<task>/`. The driver folds the journal into the `llm_calls` Delta table after
 the Spark job and on the next start, so a crash, a killed driver or a Spark task retry never
 loses a call that was paid for, and a retried task skips the keys its earlier attempt finished.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -24,15 +25,22 @@ class JournalWriter:
         self.path = os.path.join(folder, f"{prefix}-{uuid.uuid4().hex}.jsonl")
         self._fh = open(self.path, "a", encoding="utf-8")
         self._lock = threading.Lock()
+        self._synced = time.monotonic()
 
     def write(self, record: dict) -> None:
+        """Flushed to the OS at once (a killed process loses nothing); fsynced at most once a
+        second and on close (only a machine crash can lose the last second, which a rerun repays)."""
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
         with self._lock:
             self._fh.write(line)
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            if time.monotonic() - self._synced >= 1.0:
+                os.fsync(self._fh.fileno())
+                self._synced = time.monotonic()
 
     def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
         self._fh.close()
 
     def __enter__(self) -> "JournalWriter":

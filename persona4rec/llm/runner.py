@@ -143,9 +143,15 @@ class LLMRunner:
             fn = _call_partition(llm, self.endpoint, task, share, folder, self.run_id)
             progress = _Progress(folder, task.name, n, self.cfg.llm.progress_interval_s)
             progress.start()
+            # Adaptive execution would coalesce these small partitions into one task and halve the
+            # concurrency the rate share was computed for.
+            coalesce_key = "spark.sql.adaptive.coalescePartitions.enabled"
+            previous = self.spark.conf.get(coalesce_key, "true")
+            self.spark.conf.set(coalesce_key, "false")
             try:
                 pending.repartition(parallel, "partition_key").mapInPandas(fn, "key string, status string").count()
             finally:
+                self.spark.conf.set(coalesce_key, previous)
                 progress.stop()
             self._fold(task.name, stats)
         pending.unpersist()

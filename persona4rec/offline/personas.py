@@ -27,7 +27,7 @@ _PERSONA = T.StructType([T.StructField("name", T.StringType()), T.StructField("d
                          T.StructField("preference_rationale", T.StringType())])
 _REPLY = T.StructType([T.StructField("personas", T.ArrayType(_PERSONA))])
 SUMMARY_ONLY_NAME = "General interest"
-SUMMARY_ONLY_RATIONALE = "No reviews describe its buyers yet; matched on what the item is."
+SUMMARY_ONLY_RATIONALE = "Matched on what the item is (no review-based persona yet)."
 
 
 def build_requests(aspects: DataFrame, summaries: DataFrame, cfg: Config) -> DataFrame:
