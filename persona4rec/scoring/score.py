@@ -26,7 +26,7 @@ from persona4rec.config import Config
 from persona4rec.schemas import CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, USER_ID
 from persona4rec.scoring.explain import explanation, sanitize
 from persona4rec.scoring.rank import PersonaMatrix, blend, max_sim
-from persona4rec.training.encoder import decay_weights
+from persona4rec.training.encoder import user_vector
 from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,7 @@ def user_vectors(histories: list, gamma: float, d: int) -> tuple[np.ndarray, np.
     for n, h in enumerate(histories):
         if h is None or len(h) == 0:
             continue
-        e = np.stack([np.asarray(x, dtype=np.float32) for x in h])
-        w = decay_weights(len(e), gamma).astype(np.float32)
-        v = (w[:, None] * e).sum(0) / w.sum()
-        norm = np.linalg.norm(v)
-        out[n] = v / norm if norm > 0 else v
+        out[n] = user_vector(np.stack([np.asarray(x, dtype=np.float32) for x in h]), gamma)
         has[n] = True
     return out, has
 
