@@ -213,6 +213,19 @@ INTERACTION_EMBEDDINGS = TableSpec(
     ]),
 )
 
+USER_VECTORS = TableSpec(
+    name="user_vectors",
+    keys=(USER_ID,),
+    schema=T.StructType([
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField("model_version", T.StringType(), False),
+        T.StructField("history_splits", T.StringType(), False),  # e.g. "train" or "train,validation,test"
+        T.StructField("n_history", T.IntegerType(), False),  # interactions in those splits (k or fewer used)
+        T.StructField("history_signature", T.LongType(), False),  # xor of row hashes: changes iff the history does
+        T.StructField("vector", _VECTOR, False),  # L2-normalised γ-decayed mean of the last k embeddings
+    ]),
+)
+
 CANDIDATES = TableSpec(
     name="candidates",
     keys=("generator", USER_ID, ITEM_ID),

@@ -135,6 +135,14 @@ class TableStore:
         conformed.unpersist()
         return self._result(spec.name, dropped, before, "MERGE")
 
+    def delete_keys(self, spec: TableSpec, keys: DataFrame) -> WriteResult:
+        """Delete the rows whose keys appear in `keys` (a DataFrame of the key columns)."""
+        target = self.ensure(spec)
+        before = self.version(spec.name)
+        on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.keys)
+        target.alias("t").merge(keys.select(*spec.keys).distinct().alias("s"), on).whenMatchedDelete().execute()
+        return self._result(spec.name, 0, before, "MERGE")
+
     def replace_where(self, df: DataFrame, spec: TableSpec, predicate: str) -> WriteResult:
         """Atomically replace the rows matching `predicate` (a partition) with `df`: the
         contract for outputs that are recomputed whole per run date."""

@@ -10,7 +10,8 @@ from conftest import make_config
 from persona4rec.schemas import CANDIDATES, INTERACTION_EMBEDDINGS, PERSONA_INDEX
 from persona4rec.scoring import score
 from persona4rec.scoring.explain import explanation, sanitize
-from persona4rec.scoring.rank import PersonaMatrix, blend, max_sim
+from persona4rec.scoring.rank import PersonaMatrix, blend, blend_rows, decayed_user_vectors, max_sim
+from persona4rec.training.encoder import user_vector
 from persona4rec.tables import TableStore
 
 NASTY = ("<b>Jazz</b> lover. Write to jazz.fan@example.com or call +1 (555) 123-4567, "
@@ -49,6 +50,39 @@ def test_blend_alpha_one_is_the_pure_persona_order():
     assert list(np.argsort(-blend(p, cf, 0.0))) == [0, 2, 1]
 
 
+@pytest.mark.unit
+def test_batched_user_vectors_and_blend_equal_the_per_user_versions():
+    rng = np.random.default_rng(3)
+    counts = np.array([3, 0, 1, 5])
+    flat = rng.normal(size=(counts.sum(), 6)).astype(np.float32)
+    got = decayed_user_vectors(flat, counts, 0.7)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for n, c in enumerate(counts):
+        want = user_vector(flat[starts[n]:starts[n] + c], 0.7) if c else np.zeros(6)
+        np.testing.assert_allclose(got[n], want, atol=1e-6)
+    p, cf = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    valid = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=bool)
+    for alpha in (0.0, 0.3, 1.0):
+        rows = blend_rows(p, cf, valid, alpha)
+        for r in range(3):
+            np.testing.assert_allclose(rows[r, valid[r]], blend(p[r, valid[r]], cf[r, valid[r]], alpha), atol=1e-12)
+
+
+@pytest.mark.unit
+def test_rank_candidates_keeps_cf_order_without_history_and_never_rewards_unindexed_items():
+    vec = np.eye(3, dtype=np.float32)
+    pm = PersonaMatrix.build(["a", "b", "c"], ["pa", "pb", "pc"], vec)
+    users = np.array([[0, 0, 1], [0, 0, 0]], dtype=np.float32)  # user 0 likes c; user 1 has no history
+    rows = np.array([pm.item_index["a"], -1, pm.item_index["c"], pm.item_index["a"], pm.item_index["b"]])
+    cf = np.array([3.0, 2.0, 1.0, 2.0, 1.0])
+    cf_rank = np.array([1, 2, 3, 1, 2])
+    r = score.rank_candidates(users, np.array([True, False]), np.array([3, 2]), rows, cf, cf_rank, pm, 1.0, 2)
+    assert list(r.user) == [0, 0, 1, 1]
+    assert list(r.candidate) == [2, 0, 3, 4]  # c first (persona match); the unindexed item never outranks a
+    assert list(r.rank) == [1, 2, 1, 2]
+    assert list(r.slot[2:]) == [-1, -1] and list(r.score[2:]) == [2.0, 1.0]
+
+
 def synthetic(spark, cfg, users=30, items=25, d=16, personas=3, cands=12, seed=0):
     rng = np.random.default_rng(seed)
     unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
@@ -81,6 +115,7 @@ def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
     store, pvec, history = synthetic(spark, cfg)
     first = score.run(spark, cfg)
     assert first["users"] == 30 and first["rows"] == 300
+    assert first["user_vectors_recomputed"] == 29  # the user without history has no vector
     recs = store.read("recommendations").collect()
 
     for r in recs:
@@ -113,6 +148,19 @@ def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
             assert all(a.score >= b.score for a, b in zip(rows, rows[1:]))
 
     again = score.run(spark, cfg)
-    assert again["rows"] == 300
+    assert again["rows"] == 300 and again["user_vectors_recomputed"] == 0  # nothing changed
     day = store.read("recommendations").filter(F.col("run_date") == "2026-01-02")
     assert day.count() == 300 and day.select("user_id", "rank").distinct().count() == 300
+
+    # One new interaction for U0: only U0's vector is recomputed, and it equals the numpy one.
+    new = np.ones(16, dtype=np.float32) / 4.0
+    store.upsert(spark.createDataFrame([("U0", "Hnew", 999, 99, "train", "h", new.tolist(), "v1")],
+                                       INTERACTION_EMBEDDINGS.schema), INTERACTION_EMBEDDINGS)
+    third = score.run(spark, cfg)
+    assert third["user_vectors_recomputed"] == 1
+    h = np.vstack([history[0], new])[-10:]
+    w = 0.8 ** np.arange(len(h) - 1, -1, -1)
+    want = (w[:, None] * h).sum(0)
+    got = store.read("user_vectors").filter("user_id = 'U0'").first()
+    np.testing.assert_allclose(got.vector, want / np.linalg.norm(want), atol=1e-6)
+    assert got.n_history == len(history[0]) + 1

@@ -2,7 +2,9 @@
 
 Persona embeddings are L2-normalised and packed per item into a padded tensor
 (items × max_personas × d) with a mask, so a batch of (user, candidate) rows is scored with one
-gather and one batched dot product — no exploding of users × candidates × personas into rows.
+gather and one batched matrix product — no exploding of users × candidates × personas into rows.
+Everything here works on whole batches of users held as flat arrays plus per-user counts (the
+layout Arrow list columns have), so no Python loop runs per user or per candidate.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class PersonaMatrix:
     vectors: np.ndarray  # (items, max_personas, d) float32, zero-padded
     mask: np.ndarray  # (items, max_personas) bool, True where a persona exists
     persona_ids: np.ndarray  # (items, max_personas) object, None where padded
+    slots: np.ndarray  # (items, max_personas) int64: input position of the persona, -1 where padded
 
     @staticmethod
     def build(item_ids, persona_ids, vectors) -> "PersonaMatrix":
@@ -31,12 +34,14 @@ class PersonaMatrix:
         vec = np.zeros((len(items), width, d), dtype=np.float32)
         mask = np.zeros((len(items), width), dtype=bool)
         pids = np.full((len(items), width), None, dtype=object)
+        slots = np.full((len(items), width), -1, dtype=np.int64)
         for r, item in enumerate(items):
             for c, n in enumerate(order[item]):
                 vec[r, c] = vectors[n]
                 mask[r, c] = True
                 pids[r, c] = persona_ids[n]
-        return PersonaMatrix({item: r for r, item in enumerate(items)}, vec, mask, pids)
+                slots[r, c] = n
+        return PersonaMatrix({item: r for r, item in enumerate(items)}, vec, mask, pids, slots)
 
 
 def max_sim(users: np.ndarray, rows: np.ndarray, pm: PersonaMatrix, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -46,11 +51,36 @@ def max_sim(users: np.ndarray, rows: np.ndarray, pm: PersonaMatrix, chunk: int =
     best = np.empty(len(rows), dtype=np.int64)
     for s in range(0, len(rows), chunk):
         r = rows[s:s + chunk]
-        sims = np.einsum("nd,npd->np", users[s:s + chunk], pm.vectors[r])
+        sims = np.matmul(pm.vectors[r], users[s:s + chunk, :, None])[:, :, 0]
         sims = np.where(pm.mask[r], sims, -np.inf)
         best[s:s + chunk] = sims.argmax(axis=1)
         scores[s:s + chunk] = sims[np.arange(len(r)), best[s:s + chunk]]
     return scores, best
+
+
+def segments(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For per-owner counts of a flat array: (owner of each element, its position within the owner,
+    start offset of each owner)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, dtype=np.int64)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(int(counts.sum())) - starts[owner], starts
+
+
+def decayed_user_vectors(flat: np.ndarray, counts: np.ndarray, gamma: float) -> np.ndarray:
+    """(n, d) L2-normalised γ-decayed weighted means of each user's history rows (oldest first,
+    newest weight 1) — `training.encoder.user_vector` for a whole batch; zero rows for empty ones."""
+    n, d = len(counts), flat.shape[1] if flat.ndim == 2 else 0
+    out = np.zeros((n, d), dtype=np.float32)
+    if len(flat) == 0:
+        return out
+    owner, pos, starts = segments(counts)
+    weights = gamma ** (counts[owner] - 1 - pos).astype(np.float64)
+    nonempty = counts > 0
+    sums = np.add.reduceat(flat.astype(np.float64) * weights[:, None], starts[nonempty], axis=0)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    out[nonempty] = np.where(norms > 0, sums / np.where(norms > 0, norms, 1.0), sums)
+    return out
 
 
 def standardise(x: np.ndarray) -> np.ndarray:
@@ -64,3 +94,28 @@ def blend(persona: np.ndarray, cf: np.ndarray, alpha: float) -> np.ndarray:
     if alpha >= 1.0:
         return persona.astype(np.float64)
     return alpha * standardise(persona.astype(np.float64)) + (1 - alpha) * standardise(cf.astype(np.float64))
+
+
+def standardise_rows(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """`standardise` applied to every row of a padded (users × candidates) matrix over its valid
+    cells; invalid cells come back as 0."""
+    cnt = np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    xv = np.where(valid, x, 0.0)
+    mean = xv.sum(axis=1, keepdims=True) / cnt
+    sd = np.sqrt((np.where(valid, x - mean, 0.0) ** 2).sum(axis=1, keepdims=True) / cnt)
+    z = np.where(sd < 1e-12, 0.0, (x - mean) / np.where(sd < 1e-12, 1.0, sd))
+    return np.where(valid, z, 0.0)
+
+
+def blend_rows(persona: np.ndarray, cf: np.ndarray, valid: np.ndarray, alpha: float) -> np.ndarray:
+    """`blend` for every row of padded (users × candidates) matrices."""
+    if alpha >= 1.0:
+        return persona.astype(np.float64)
+    return alpha * standardise_rows(persona.astype(np.float64), valid) + (1 - alpha) * standardise_rows(
+        cf.astype(np.float64), valid)
+
+
+def pad(values: np.ndarray, owner: np.ndarray, pos: np.ndarray, shape: tuple[int, int], fill) -> np.ndarray:
+    out = np.full(shape, fill, dtype=np.result_type(values.dtype, np.asarray(fill).dtype))
+    out[owner, pos] = values
+    return out

@@ -1,132 +1,202 @@
 """Job `score_users`: rerank every user's CF candidates by persona similarity; explain each pick.
 
 Per user: the user vector is the γ-decayed mean of the last k cached interaction embeddings
-(newest weight 1, L2-normalised); each candidate scores max over its personas of cos(user,
-persona) (Eq. 10); the final score blends it with the CF score on per-user z-scores (α = 1 is the
+(newest weight 1, L2-normalised; kept in `user_vectors` and refreshed first, see `users.py`);
+each candidate scores max over its personas of cos(user, persona) (Eq. 10); the final score blends it with the CF score on per-user z-scores (α = 1 is the
 pure rerank); the top K are written with the winning persona and an e-mail-safe explanation.
 Users without history keep the CF order with a generic explanation, flagged `has_history=false`.
 
-Scale: users are processed in Arrow batches inside `mapInPandas` — one row per user carrying its
-candidate list and history — with the persona matrix broadcast once; the vector work is batched
-numpy (see `rank.py`), and memory per task is bounded by the batch size.
+Scale: users are processed in Arrow batches inside `mapInArrow` — one row per user carrying its
+candidate list and vector — with the persona matrix and the sanitised explanations broadcast
+once. List columns are read as flat numpy arrays (no Python object per float, per candidate or
+per user), the vector work is batched numpy (see `rank.py`), the output is assembled with Arrow
+`take`, and memory per task is bounded by the Arrow batch size.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from persona4rec.config import Config
-from persona4rec.schemas import CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, USER_ID
+from persona4rec.schemas import CANDIDATES, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, USER_ID, USER_VECTORS
 from persona4rec.scoring.explain import explanation, sanitize
-from persona4rec.scoring.rank import PersonaMatrix, blend, max_sim
-from persona4rec.training.encoder import user_vector
+from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
+from persona4rec.scoring.users import refresh as refresh_user_vectors
 from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
 GENERIC_EXPLANATION = "Popular with customers whose choices resemble yours."
 
 
-def user_histories(embeddings: DataFrame, splits: tuple[str, ...], k: int) -> DataFrame:
-    """user_id, history: the last k interaction embeddings, oldest first."""
-    rows = embeddings.filter(F.col("split").isin(*splits))
-    hist = rows.groupBy(USER_ID).agg(F.sort_array(F.collect_list(F.struct("ts", "seq", "embedding"))).alias("h"))
-    n = F.size("h")
-    last = F.when(n > k, F.slice("h", n - k + 1, k)).otherwise(F.col("h"))
-    return hist.select(USER_ID, F.transform(last, lambda x: x["embedding"]).alias("history"))
+@dataclass(frozen=True)
+class ScoringIndex:
+    """What every task needs, broadcast once: the persona tensor and, per persona slot
+    (row × max_personas + column), its id, display name and ready-made e-mail explanation —
+    explanations depend only on the persona, so they are sanitised once, not per recommendation."""
+    pm: PersonaMatrix
+    persona_id: pa.Array
+    persona_name: pa.Array
+    explanation: pa.Array
+
+    @staticmethod
+    def build(table: pa.Table, max_chars: int) -> "ScoringIndex":
+        """From the persona_index columns item_id, persona_id, name, description,
+        preference_rationale, embedding (an Arrow table: no per-float Python objects)."""
+        emb = table.column("embedding").combine_chunks()
+        d = emb.value_lengths()[0].as_py() if len(emb) else 0
+        vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(emb), d)
+        cols = {c: table.column(c).to_pylist() for c in (ITEM_ID, "persona_id", "name", "description",
+                                                         "preference_rationale")}
+        pm = PersonaMatrix.build(cols[ITEM_ID], cols["persona_id"], vectors)
+        slots = pm.slots.ravel()
+        pick = lambda values: [values[n] if n >= 0 else None for n in slots]
+        names = [sanitize(v, 60) for v in cols["name"]]
+        texts = [explanation(a, b, c, max_chars)
+                 for a, b, c in zip(cols["name"], cols["description"], cols["preference_rationale"])]
+        return ScoringIndex(pm, pa.array(pick(cols["persona_id"]), pa.string()), pa.array(pick(names), pa.string()),
+                            pa.array(pick(texts), pa.string()))
 
 
-def user_vectors(histories: list, gamma: float, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, d) user vectors and a has-history mask."""
-    out = np.zeros((len(histories), d), dtype=np.float32)
-    has = np.zeros(len(histories), dtype=bool)
-    for n, h in enumerate(histories):
-        if h is None or len(h) == 0:
-            continue
-        out[n] = user_vector(np.stack([np.asarray(x, dtype=np.float32) for x in h]), gamma)
-        has[n] = True
+@dataclass(frozen=True)
+class Ranked:
+    """Per kept (user, candidate): positions into the batch's flat arrays, rank, scores, best persona slot."""
+    user: np.ndarray
+    candidate: np.ndarray
+    rank: np.ndarray
+    score: np.ndarray
+    persona_score: np.ndarray  # NaN where the item has no persona
+    slot: np.ndarray  # -1 where no persona explains the pick (no history, or item not indexed)
+
+
+def rank_candidates(users: np.ndarray, has: np.ndarray, counts: np.ndarray, rows: np.ndarray, cf: np.ndarray,
+                    cf_rank: np.ndarray, pm: PersonaMatrix, alpha: float, top_k: int | None) -> Ranked:
+    """Rerank every user's candidates (flat arrays + per-user counts) by Eq. 10 blended with CF.
+
+    Users with history: final = blend(max-sim, CF); a candidate the index lacks gets the user's
+    lowest persona score (never a free win). Users without history keep the CF order. Ties go to
+    the better CF rank. top_k None keeps every candidate (evaluation)."""
+    owner, pos, _ = segments(counts)
+    n, width = len(counts), int(counts.max()) if len(counts) else 0
+    persona = np.full(len(rows), np.nan)
+    best = np.full(len(rows), -1, dtype=np.int64)
+    live = (rows >= 0) & has[owner]
+    if live.any():
+        s, b = max_sim(users[owner[live]], rows[live], pm)
+        persona[live], best[live] = s, b
+    shape = (n, width)
+    valid = pad(np.ones(len(rows), dtype=bool), owner, pos, shape, False)
+    p = pad(persona, owner, pos, shape, np.nan)
+    finite = valid & ~np.isnan(p)
+    floor = np.where(finite, p, np.inf).min(axis=1, keepdims=True)
+    p = np.where(finite, p, np.where(np.isinf(floor), 0.0, floor))
+    cf_pad = pad(cf.astype(np.float64), owner, pos, shape, 0.0)
+    final = np.where(has[:, None], blend_rows(p, cf_pad, valid, alpha), cf_pad)
+    key = np.where(valid, np.where(has[:, None], -final, 0.0), np.inf)
+    order = np.lexsort((pad(cf_rank.astype(np.int64), owner, pos, shape, np.iinfo(np.int64).max), key), axis=1)
+    order = order[:, :top_k] if top_k is not None else order
+    user_of = np.broadcast_to(np.arange(n)[:, None], order.shape)
+    keep = valid[user_of, order]
+    u, c = user_of[keep], order[keep]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+    flat = starts[u] + c
+    rank = np.broadcast_to(np.arange(1, order.shape[1] + 1)[None, :], order.shape)[keep]
+    slot = np.where(best[flat] >= 0, rows[flat] * pm.mask.shape[1] + best[flat], -1)
+    return Ranked(u, flat, rank.astype(np.int32), final[u, c], persona[flat], slot)
+
+
+def _list_counts(arr: pa.ListArray) -> np.ndarray:
+    return arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def vector_matrix(batch: pa.RecordBatch, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `vector` column (array<float>, null for users without history) as (users, d) plus a
+    has-history mask."""
+    vec = batch.column("vector")
+    lengths = _list_counts(vec)
+    has = np.asarray(vec.is_valid(), dtype=bool)
+    if has.any() and (lengths[has].min() != d or lengths[has].max() != d):
+        bad = int(np.argmax(has & (lengths != d)))
+        raise ValueError(f"user_vectors: user {batch.column(USER_ID)[bad].as_py()!r} has a vector of length "
+                         f"{lengths[bad]} (field 'vector'), the persona index has dimension {d}: "
+                         f"rerun build_index and score_users with one model version")
+    out = np.zeros((len(vec), d), dtype=np.float32)
+    out[has] = vec.filter(pa.array(has)).flatten().to_numpy(zero_copy_only=False).reshape(int(has.sum()), d)
     return out, has
 
 
-def score_batch(pdf: pd.DataFrame, pm: PersonaMatrix, meta: dict, gamma: float, alpha: float, top_k: int,
-                max_chars: int) -> pd.DataFrame:
-    """One Arrow batch of users (user_id, cands [item, cf_score, cf_rank], history) → top-K rows."""
-    d = pm.vectors.shape[2]
-    users, has = user_vectors(list(pdf["history"]), gamma, d)
-    owner, items, cf, cf_rank = [], [], [], []
-    for n, cands in enumerate(pdf["cands"]):
-        for c in cands:
-            owner.append(n)
-            items.append(c[ITEM_ID])
-            cf.append(c["cf_score"])
-            cf_rank.append(c["cf_rank"])
-    owner_a = np.asarray(owner, dtype=np.int64)
-    rows = np.asarray([pm.item_index.get(i, -1) for i in items], dtype=np.int64)
-    indexed = rows >= 0
-    persona = np.full(len(items), np.nan, dtype=np.float32)
-    best = np.full(len(items), -1, dtype=np.int64)
-    if indexed.any():
-        s, b = max_sim(users[owner_a[indexed]], rows[indexed], pm)
-        persona[indexed], best[indexed] = s, b
-    cf_a, rank_a = np.asarray(cf, dtype=np.float64), np.asarray(cf_rank, dtype=np.int64)
-    out = []
-    starts = np.searchsorted(owner_a, np.arange(len(pdf) + 1))
-    for n, user in enumerate(pdf[USER_ID]):
-        lo, hi = starts[n], starts[n + 1]
-        if lo == hi:
-            continue
-        idx = np.arange(lo, hi)
-        if has[n]:
-            p = np.where(np.isnan(persona[idx]), np.nanmin(persona[idx]) if np.isfinite(persona[idx]).any() else 0.0,
-                         persona[idx])
-            final = blend(p, cf_a[idx], alpha)
-            order = idx[np.lexsort((rank_a[idx], -final))]
-            final_of = dict(zip(idx, final))
-        else:
-            order = idx[np.argsort(rank_a[idx], kind="stable")]
-            final_of = {j: float(cf_a[j]) for j in idx}
-        for rank, j in enumerate(order[:top_k], start=1):
-            pid = name = None
-            if has[n] and best[j] >= 0:
-                pid = pm.persona_ids[rows[j], best[j]]
-                name, desc, why = meta[pid]
-                text = explanation(name, desc, why, max_chars)
-                name = sanitize(name, 60)
-            else:
-                text = GENERIC_EXPLANATION
-            out.append((user, rank, items[j], float(final_of[j]),
-                        None if np.isnan(persona[j]) else float(persona[j]), int(rank_a[j]), pid, name, text,
-                        bool(has[n])))
-    return pd.DataFrame(out, columns=[USER_ID, "rank", ITEM_ID, "score", "persona_score", "cf_rank",
-                                      "persona_id", "persona_name", "explanation", "has_history"])
+def score_arrow_batch(batch: pa.RecordBatch, index: ScoringIndex, alpha: float, top_k: int) -> pa.RecordBatch:
+    """One Arrow batch of users (user_id, vector, cands list<item_id, row, cf_score, cf_rank>) → top-K rows."""
+    pm = index.pm
+    users, has = vector_matrix(batch, pm.vectors.shape[2])
+    cands = batch.column("cands")
+    counts = _list_counts(cands)
+    fields = dict(zip([f.name for f in cands.type.value_type], cands.flatten().flatten()))
+    rows = fields["row"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    cf = fields["cf_score"].to_numpy(zero_copy_only=False).astype(np.float64)
+    cf_rank = fields["cf_rank"].to_numpy(zero_copy_only=False).astype(np.int64)
+    r = rank_candidates(users, has, counts, rows, cf, cf_rank, pm, alpha, top_k)
+    explained = r.slot >= 0
+    slot = pa.array(np.where(explained, r.slot, 0), mask=~explained)
+    return pa.RecordBatch.from_arrays([
+        batch.column(USER_ID).take(pa.array(r.user)).cast(pa.string()),
+        pa.array(r.rank, pa.int32()),
+        fields[ITEM_ID].take(pa.array(r.candidate)).cast(pa.string()),
+        pa.array(np.where(has[r.user], r.score, cf[r.candidate]), pa.float64()),
+        pa.array(r.persona_score, pa.float64(), mask=np.isnan(r.persona_score)),
+        pa.array(cf_rank[r.candidate].astype(np.int32), pa.int32()),
+        index.persona_id.take(slot),
+        index.persona_name.take(slot),
+        index.explanation.take(slot).fill_null(GENERIC_EXPLANATION),
+        pa.array(has[r.user], pa.bool_()),
+    ], schema=OUTPUT_ARROW)
 
 
-def recommend(spark: SparkSession, candidates: DataFrame, embeddings: DataFrame, index: DataFrame, cfg: Config,
-              model_version: str, run_date: dt.date, generator: str) -> DataFrame:
-    rows = index.select(ITEM_ID, "persona_id", "name", "description", "preference_rationale", "embedding").collect()
-    pm = PersonaMatrix.build([r[ITEM_ID] for r in rows], [r["persona_id"] for r in rows],
-                             [np.asarray(r["embedding"], dtype=np.float32) for r in rows])
-    meta = {r["persona_id"]: (r["name"], r["description"], r["preference_rationale"]) for r in rows}
-    bc = spark.sparkContext.broadcast((pm, meta))
-    sc, prof = cfg.scoring, cfg.profile
-    per_user = candidates.groupBy(USER_ID).agg(
-        F.collect_list(F.struct(ITEM_ID, "cf_score", "cf_rank")).alias("cands"))
-    users = per_user.join(user_histories(embeddings, sc.history_splits, prof.k), USER_ID, "left")
-    schema = ("user_id string, rank int, item_id string, score double, persona_score double, cf_rank int, "
+OUTPUT_ARROW = pa.schema([
+    (USER_ID, pa.string()), ("rank", pa.int32()), (ITEM_ID, pa.string()), ("score", pa.float64()),
+    ("persona_score", pa.float64()), ("cf_rank", pa.int32()), ("persona_id", pa.string()),
+    ("persona_name", pa.string()), ("explanation", pa.string()), ("has_history", pa.bool_())])
+OUTPUT_DDL = ("user_id string, rank int, item_id string, score double, persona_score double, cf_rank int, "
               "persona_id string, persona_name string, explanation string, has_history boolean")
 
-    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        pm_, meta_ = bc.value
-        for pdf in batches:
-            yield score_batch(pdf, pm_, meta_, prof.gamma, sc.alpha, sc.top_k, sc.explanation_max_chars)
 
-    return users.mapInPandas(score, schema).select(
+def scoring_index(index: DataFrame, max_chars: int) -> ScoringIndex:
+    return ScoringIndex.build(index.select(ITEM_ID, "persona_id", "name", "description", "preference_rationale",
+                                           "embedding").toArrow(), max_chars)
+
+
+def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex) -> DataFrame:
+    """user_id, cands: each user's candidates with the persona-matrix row of the item (-1: not indexed)."""
+    items = spark.createDataFrame(pd.DataFrame({ITEM_ID: list(si.pm.item_index),
+                                                "row": np.fromiter(si.pm.item_index.values(), np.int32)}))
+    joined = candidates.join(F.broadcast(items), ITEM_ID, "left").withColumn("row", F.coalesce("row", F.lit(-1)))
+    return joined.groupBy(USER_ID).agg(F.collect_list(F.struct(ITEM_ID, "row", "cf_score", "cf_rank")).alias("cands"))
+
+
+def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame, cfg: Config,
+              model_version: str, run_date: dt.date, generator: str) -> DataFrame:
+    """candidates (user_id, item_id, cf_score, cf_rank) + user_vectors (user_id, vector) + the
+    persona index → the recommendations rows of every user with candidates."""
+    sc = cfg.scoring
+    si = scoring_index(index, sc.explanation_max_chars)
+    bc = spark.sparkContext.broadcast(si)
+    users = user_candidates(spark, candidates, si).join(user_vectors.select(USER_ID, "vector"), USER_ID, "left")
+    alpha, top_k = sc.alpha, sc.top_k
+
+    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        si_ = bc.value
+        for batch in batches:
+            yield score_arrow_batch(batch, si_, alpha, top_k)
+
+    return users.mapInArrow(score, OUTPUT_DDL).select(
         F.lit(run_date).alias("run_date"), F.lit(generator).alias("generator"),
         F.lit(model_version).alias("model_version"), "*")
 
@@ -139,9 +209,10 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     versions = [r[0] for r in index.select("model_version").distinct().collect()]
     if len(versions) != 1:
         raise ValueError(f"persona_index holds model versions {versions}: run build_index first")
-    embeddings = store.read(INTERACTION_EMBEDDINGS.name).filter(F.col("model_version") == versions[0])
+    refreshed = refresh_user_vectors(store, versions[0], sc.history_splits, cfg.profile.k, cfg.profile.gamma)
+    vectors = store.read(USER_VECTORS.name).filter(F.col("model_version") == versions[0])
     candidates = store.read(CANDIDATES.name).filter(F.col("generator") == sc.generator)
-    recs = recommend(spark, candidates, embeddings, index, cfg, versions[0], run_date, sc.generator)
+    recs = recommend(spark, candidates, vectors, index, cfg, versions[0], run_date, sc.generator)
     w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND generator = '{sc.generator}'")
     written = store.read(RECOMMENDATIONS.name).filter(
         (F.col("run_date") == F.lit(run_date)) & (F.col("generator") == sc.generator))
@@ -149,4 +220,5 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     log.info("recommendations %s (%s, model %s): %d users, %d rows", run_date, sc.generator, versions[0],
              stats[0], stats[1])
     return {"run_date": run_date.isoformat(), "generator": sc.generator, "model_version": versions[0],
-            "users": int(stats[0]), "rows": int(stats[1]), "delta_version": w.version}
+            "users": int(stats[0]), "rows": int(stats[1]), "delta_version": w.version,
+            "user_vectors_recomputed": refreshed["recomputed"]}
