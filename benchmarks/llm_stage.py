@@ -21,7 +21,7 @@ from pathlib import Path
 from persona4rec.cli import setup_logging
 from persona4rec.config import load_config
 from persona4rec.ingest import job as ingest
-from persona4rec.llm.fake_server import FakeLLMServer, schema_name, schema_responder
+from persona4rec.llm.fake_server import FakeLLMServer, schema_responder
 from persona4rec.offline import aspects, summarise
 from persona4rec.spark import get_spark
 

@@ -130,6 +130,9 @@ class LLMSettings:
 @dataclass(frozen=True)
 class OfflineSettings:
     domain: Literal["generic", "books", "restaurants"] = "generic"
+    # llm: the paper's LLM summaries, aspects, personas and judge. extractive: no LLM — reviews
+    # are embedded and clustered into personas, alignment is the cluster of the user's review.
+    persona_builder: Literal["llm", "extractive"] = "llm"
     # Exclude reviews of validation/test interactions from aspects, personas and alignment.
     evaluation_mode: bool = True
     review_token_budget: int = 400  # a longer review is truncated to this (about 4 chars/token)
@@ -163,6 +166,7 @@ class TrainSettings:
     learning_rate: float = 2e-4
     temperature: float = 0.05
     validation_fraction: float = 0.2  # of users: their alignment pairs are held out
+    max_steps: int | None = None  # stop after this many optimizer steps (null = all epochs)
     seed: int = 13
 
 

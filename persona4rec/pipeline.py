@@ -6,6 +6,7 @@ over one Spark session and one config, then shows where the outputs are.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable
@@ -38,13 +39,15 @@ STAGES: list[tuple[str, Callable[..., Any], bool]] = [
     ("score_users", score.run, False),
 ]
 TABLES = ("reviews", "items", "splits", "rejected_records", "item_summaries", "review_aspects",
-          "item_personas", "alignment_pairs", "llm_calls", "persona_index", "interaction_embeddings",
-          "candidates", "recommendations")
+          "item_personas", "review_clusters", "alignment_pairs", "llm_calls", "persona_index",
+          "interaction_embeddings", "user_vectors", "candidates", "recommendations")
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
     results: dict[str, Any] = {}
-    with llm_endpoint(cfg) as endpoint:
+    # The extractive persona builder needs no LLM: no server is started.
+    opened = llm_endpoint(cfg) if cfg.offline.persona_builder == "llm" else contextlib.nullcontext(None)
+    with opened as endpoint:
         for name, stage, uses_llm in STAGES:
             started = time.time()
             log.info("stage %s: starting", name)

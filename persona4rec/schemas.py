@@ -177,7 +177,19 @@ ALIGNMENT_PAIRS = TableSpec(
         T.StructField("persona_id", T.StringType(), False),
         T.StructField("justification", T.StringType(), False),
         T.StructField("history_item_ids", T.ArrayType(T.StringType()), False),
-        *_LLM_PROVENANCE,  # status: succeeded (judged) | single (the item has one persona)
+        # status: succeeded (judged) | single (the item has one persona) | cluster (extractive builder)
+        *_LLM_PROVENANCE,
+    ]),
+)
+
+# Extractive persona builder only: the persona whose review cluster holds this user's review.
+REVIEW_CLUSTERS = TableSpec(
+    name="review_clusters",
+    keys=(USER_ID, ITEM_ID),
+    schema=T.StructType([
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField("persona_id", T.StringType(), False),
     ]),
 )
 

@@ -1,6 +1,5 @@
 """The ingest job end to end on small files: every format, every bad-input class, idempotence."""
 
-import gzip
 import json
 import subprocess
 import sys

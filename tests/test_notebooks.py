@@ -1,7 +1,6 @@
 """Notebooks run headless against local tables (they are plain Python in Databricks source format)."""
 
 import runpy
-from pathlib import Path
 
 import pytest
 

@@ -9,7 +9,7 @@ from pyspark.sql import functions as F
 from conftest import make_config
 from persona4rec.schemas import CANDIDATES, INTERACTION_EMBEDDINGS, PERSONA_INDEX
 from persona4rec.scoring import score
-from persona4rec.scoring.explain import explanation, sanitize
+from persona4rec.scoring.explain import sanitize
 from persona4rec.scoring.rank import PersonaMatrix, blend, blend_rows, decayed_user_vectors, max_sim
 from persona4rec.training.encoder import user_vector
 from persona4rec.tables import TableStore

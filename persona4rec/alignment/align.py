@@ -15,13 +15,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from persona4rec.alignment.profiles import interaction_texts, profiles
+from persona4rec.alignment.profiles import profiles, stored_interaction_texts
 from persona4rec.config import Config
 from persona4rec.llm.outputs import AlignmentChoice
 from persona4rec.llm.prompts import load_prompt, untrusted
 from persona4rec.llm.runner import Endpoint, LLMRunner, LLMTask, make_request, request_schema
+from persona4rec.offline import extractive
 from persona4rec.offline.common import endpoint_for
-from persona4rec.schemas import (ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, ITEMS, REVIEW_ASPECTS,
+from persona4rec.schemas import (ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, ITEMS,
                                  SPLIT, TRAIN, TS, USER_ID)
 from persona4rec.tables import TableStore
 
@@ -50,12 +51,9 @@ def judge_messages(domain: str, history: list[dict], item: dict, personas: list[
     return judge_task(domain).prompt.render(history=hist, item=item_text, personas=plist, n_personas=len(personas))
 
 
-def candidates(store: TableStore, k: int) -> DataFrame:
+def candidates(store: TableStore, cfg: Config) -> DataFrame:
     """Training interactions that have history and personas, with what the judge needs."""
-    splits = store.read("splits")
-    aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
-    texts = interaction_texts(splits, store.read(ITEM_SUMMARIES.name), aspects)
-    prof = profiles(texts, k).filter((F.col(SPLIT) == TRAIN) & (F.size("history") > 0))
+    prof = profiles(stored_interaction_texts(store, cfg), cfg.profile.k).filter((F.col(SPLIT) == TRAIN) & (F.size("history") > 0))
     plist = (store.read(ITEM_PERSONAS.name).groupBy(ITEM_ID)
              .agg(F.sort_array(F.collect_list(F.struct("persona_index", "persona_id", "name", "description",
                                                        "preference_rationale"))).alias("personas")))
@@ -98,8 +96,10 @@ def pairs(replied: DataFrame, cands: DataFrame) -> DataFrame:
 
 
 def run(spark: SparkSession, cfg: Config, endpoint: Endpoint | None = None) -> dict:
+    if cfg.offline.persona_builder == "extractive":
+        return extractive.align(spark, cfg)
     store = TableStore(spark, cfg)
-    cands = candidates(store, cfg.profile.k).persist()
+    cands = candidates(store, cfg).persist()
     requests = build_requests(cands, cfg).persist()
     with endpoint_for(cfg, endpoint) as ep:
         runner = LLMRunner(spark, cfg, ep)

@@ -10,7 +10,12 @@ from __future__ import annotations
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from persona4rec.schemas import ASPECT_SLOTS, ITEM_ID, SPLIT, TRAIN, TS, USER_ID
+from persona4rec.config import Config
+from persona4rec.offline.common import usable_reviews
+from persona4rec.schemas import ASPECT_SLOTS, ITEM_ID, ITEM_SUMMARIES, REVIEW_ASPECTS, SPLIT, TRAIN, TS, USER_ID
+from persona4rec.tables import TableStore
+
+REVIEW_EXCERPT_CHARS = 240  # of the user's own review, in extractive interaction texts
 
 SLOT_LABELS = {"category_preference": "prefers", "purchase_purpose": "bought for",
                "quality_criteria": "judges by", "usage_context": "uses it"}
@@ -23,17 +28,34 @@ def interaction_text_col(summary: Column, aspects: dict[str, Column]) -> Column:
     return F.when(said == "", summary).otherwise(F.concat(summary, F.lit(" | "), said))
 
 
-def interaction_texts(splits: DataFrame, summaries: DataFrame, aspects: DataFrame | None) -> DataFrame:
-    """One text per interaction in `splits` (any split): user_id, item_id, ts, seq, split, text."""
+def interaction_texts(splits: DataFrame, summaries: DataFrame, aspects: DataFrame | None,
+                      reviews: DataFrame | None = None) -> DataFrame:
+    """One text per interaction in `splits` (any split): user_id, item_id, ts, seq, split, text.
+    With `reviews` instead of aspects (the extractive builder), the user's own review excerpt
+    stands where the aspect slots would."""
     rows = splits.join(summaries.select(ITEM_ID, "summary"), ITEM_ID, "left")
     summary = F.coalesce(F.col("summary"), F.concat(F.lit("Item "), F.col(ITEM_ID)))
-    if aspects is not None:
+    if reviews is not None:
+        said = reviews.select(USER_ID, ITEM_ID, F.substring(F.regexp_replace("review_text", r"\s+", " "), 1,
+                                                            REVIEW_EXCERPT_CHARS).alias("_said"))
+        rows = rows.join(said, [USER_ID, ITEM_ID], "left")
+        text = F.when(F.col("_said").isNull(), summary).otherwise(F.concat(summary, F.lit(" | said: "), "_said"))
+    elif aspects is not None:
         kept = aspects.filter("kept").select(USER_ID, ITEM_ID, *ASPECT_SLOTS)
         rows = rows.join(kept, [USER_ID, ITEM_ID], "left")
         text = interaction_text_col(summary, {s: F.col(s) for s in ASPECT_SLOTS})
     else:
         text = summary
     return rows.select(USER_ID, ITEM_ID, TS, "seq", SPLIT, text.alias("text"))
+
+
+def stored_interaction_texts(store: TableStore, cfg: Config) -> DataFrame:
+    """interaction_texts over the stored tables, for the configured persona builder."""
+    splits, summaries = store.read("splits"), store.read(ITEM_SUMMARIES.name)
+    if cfg.offline.persona_builder == "extractive":
+        return interaction_texts(splits, summaries, None, usable_reviews(store, cfg))
+    aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
+    return interaction_texts(splits, summaries, aspects)
 
 
 def profiles(texts: DataFrame, k: int, splits_for_history: tuple[str, ...] = (TRAIN,)) -> DataFrame:

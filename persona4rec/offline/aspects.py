@@ -7,6 +7,7 @@ or whose call failed, is kept in the table with `kept = false` and left out of t
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import pandas as pd
@@ -20,6 +21,8 @@ from persona4rec.offline import tasks
 from persona4rec.offline.common import endpoint_for, usable_reviews
 from persona4rec.schemas import ASPECT_SLOTS, ITEM_ID, ITEM_SUMMARIES, RATING, REVIEW_ASPECTS, USER_ID
 from persona4rec.tables import TableStore
+
+log = logging.getLogger(__name__)
 
 _REQUESTS = request_schema(T.StructField(USER_ID, T.StringType()), T.StructField(ITEM_ID, T.StringType()),
                            T.StructField(RATING, T.DoubleType()), T.StructField("helpful_votes", T.IntegerType()))
@@ -62,6 +65,9 @@ def aspects_from_replies(replied: DataFrame, max_null_ratio: float) -> DataFrame
 
 
 def run(spark: SparkSession, cfg: Config, endpoint: Endpoint | None = None) -> dict:
+    if cfg.offline.persona_builder == "extractive":
+        log.info("extract_aspects: not used by the extractive persona builder (reviews are clustered directly)")
+        return {"skipped": "offline.persona_builder = extractive"}
     store = TableStore(spark, cfg)
     requests = build_requests(usable_reviews(store, cfg), store.read(ITEM_SUMMARIES.name), cfg).persist()
     with endpoint_for(cfg, endpoint) as ep:

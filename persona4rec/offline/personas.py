@@ -17,8 +17,9 @@ from pyspark.sql import types as T
 
 from persona4rec.config import Config
 from persona4rec.llm.runner import Endpoint, LLMRunner, make_request, request_schema
-from persona4rec.offline import tasks
+from persona4rec.offline import extractive, tasks
 from persona4rec.offline.common import endpoint_for
+from persona4rec.offline.persona_rows import summary_only_personas, with_persona_ids
 from persona4rec.schemas import ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, ITEMS, REVIEW_ASPECTS
 from persona4rec.tables import TableStore
 
@@ -26,8 +27,6 @@ _REQUESTS = request_schema(T.StructField(ITEM_ID, T.StringType()), T.StructField
 _PERSONA = T.StructType([T.StructField("name", T.StringType()), T.StructField("description", T.StringType()),
                          T.StructField("preference_rationale", T.StringType())])
 _REPLY = T.StructType([T.StructField("personas", T.ArrayType(_PERSONA))])
-SUMMARY_ONLY_NAME = "General interest"
-SUMMARY_ONLY_RATIONALE = "Matched on what the item is (no review-based persona yet)."
 
 
 def build_requests(aspects: DataFrame, summaries: DataFrame, cfg: Config) -> DataFrame:
@@ -61,24 +60,13 @@ def personas_from_replies(replied: DataFrame, items: DataFrame, summaries: DataF
                    F.lit("llm").alias("source"), "pool_size", "status", "llm_key", "prompt", "model"))
     covered = llm.select(ITEM_ID).distinct()
     failed = replied.filter(~ok | F.col("status").isNull()).select(ITEM_ID, F.lit("fallback").alias("status"))
-    missing = (items.select(ITEM_ID).join(covered, ITEM_ID, "left_anti")
-               .join(failed, ITEM_ID, "left")
-               .join(summaries.select(ITEM_ID, "summary"), ITEM_ID, "left"))
-    summary_only = missing.select(
-        ITEM_ID, F.lit(0).alias("persona_index"), F.lit(SUMMARY_ONLY_NAME).alias("name"),
-        F.coalesce("summary", F.concat(F.lit("Item "), F.col(ITEM_ID))).alias("description"),
-        F.lit(SUMMARY_ONLY_RATIONALE).alias("preference_rationale"), F.lit("summary_only").alias("source"),
-        F.lit(0).alias("pool_size"), F.coalesce("status", F.lit("skipped")).alias("status"),
-        F.lit(None).cast("string").alias("llm_key"), F.lit(None).cast("string").alias("prompt"),
-        F.lit(None).cast("string").alias("model"))
-    both = llm.unionByName(summary_only)
-    text = F.concat_ws(" ", F.concat(F.col("name"), F.lit(".")), "description", "preference_rationale")
-    pid = F.concat(F.col(ITEM_ID), F.lit("#"), F.col("persona_index").cast("string"), F.lit("-"),
-                   F.substring(F.sha2(text, 256), 1, 8))
-    return both.withColumn("persona_text", text).withColumn("persona_id", pid)
+    missing = items.select(ITEM_ID).join(covered, ITEM_ID, "left_anti").join(failed, ITEM_ID, "left")
+    return with_persona_ids(llm.unionByName(summary_only_personas(missing, summaries)))
 
 
 def run(spark: SparkSession, cfg: Config, endpoint: Endpoint | None = None) -> dict:
+    if cfg.offline.persona_builder == "extractive":
+        return extractive.build_personas(spark, cfg)
     store = TableStore(spark, cfg)
     summaries = store.read(ITEM_SUMMARIES.name)
     requests = build_requests(store.read(REVIEW_ASPECTS.name), summaries, cfg).persist()

@@ -11,7 +11,7 @@ from pyspark.sql import types as T
 
 from persona4rec.config import Config
 from persona4rec.llm.runner import Endpoint, LLMRunner, make_request, request_schema
-from persona4rec.offline import tasks
+from persona4rec.offline import extractive, tasks
 from persona4rec.offline.common import endpoint_for, usable_reviews
 from persona4rec.schemas import ITEM_ID, ITEM_SUMMARIES, ITEMS
 from persona4rec.tables import TableStore
@@ -54,6 +54,8 @@ def summaries_from_replies(replied: DataFrame) -> DataFrame:
 
 
 def run(spark: SparkSession, cfg: Config, endpoint: Endpoint | None = None) -> dict:
+    if cfg.offline.persona_builder == "extractive":
+        return extractive.summarise(spark, cfg)
     store = TableStore(spark, cfg)
     requests = build_requests(store.read(ITEMS.name), usable_reviews(store, cfg), cfg).persist()
     with endpoint_for(cfg, endpoint) as ep:

@@ -13,10 +13,9 @@ import logging
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from persona4rec.alignment.profiles import interaction_texts
+from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.config import Config
-from persona4rec.schemas import (INTERACTION_EMBEDDINGS, ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, PERSONA_INDEX,
-                                 REVIEW_ASPECTS, USER_ID)
+from persona4rec.schemas import INTERACTION_EMBEDDINGS, ITEM_ID, ITEM_PERSONAS, PERSONA_INDEX, USER_ID
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder
 from persona4rec.tables import TableStore
 
@@ -41,10 +40,8 @@ def index_personas(store: TableStore, ref: EncoderRef) -> tuple[DataFrame, int]:
     return (fresh if keep is None else fresh.unionByName(keep.select(PERSONA_INDEX.columns))), n
 
 
-def embed_interactions(store: TableStore, ref: EncoderRef) -> tuple[DataFrame, int]:
-    aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
-    texts = interaction_texts(store.read("splits"), store.read(ITEM_SUMMARIES.name), aspects) \
-        .withColumn("text_hash", F.sha2("text", 256))
+def embed_interactions(store: TableStore, cfg: Config, ref: EncoderRef) -> tuple[DataFrame, int]:
+    texts = stored_interaction_texts(store, cfg).withColumn("text_hash", F.sha2("text", 256))
     todo, keep = _reuse(store, INTERACTION_EMBEDDINGS.name, texts, [USER_ID, ITEM_ID, "text_hash"], ref.version)
     n = todo.count()
     fresh = embed_column(todo, "text", ref).select(INTERACTION_EMBEDDINGS.columns)
@@ -59,7 +56,7 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     ref = resolve_encoder(cfg)
     personas, n_personas = index_personas(store, ref)
     w1 = store.upsert(personas.repartition(spark.sparkContext.defaultParallelism), PERSONA_INDEX, delete_missing=True)
-    interactions, n_inter = embed_interactions(store, ref)
+    interactions, n_inter = embed_interactions(store, cfg, ref)
     w2 = store.upsert(interactions.repartition(spark.sparkContext.defaultParallelism), INTERACTION_EMBEDDINGS,
                       delete_missing=True)
     log.info("index with %s: %d persona(s) and %d interaction(s) embedded", ref.version, n_personas, n_inter)

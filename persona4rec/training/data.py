@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from pyspark.sql import functions as F
 
-from persona4rec.alignment.profiles import interaction_texts, profiles
-from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS, USER_ID
+from persona4rec.alignment.profiles import profiles, stored_interaction_texts
+from persona4rec.config import Config
+from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, USER_ID
 from persona4rec.tables import TableStore
 
 
@@ -23,11 +24,9 @@ class Example:
     item_personas: tuple[tuple[str, str], ...]  # every (persona_id, text) of the item, for accuracy
 
 
-def load_examples(store: TableStore, k: int) -> list[Example]:
+def load_examples(store: TableStore, cfg: Config) -> list[Example]:
     """alignment_pairs ⋈ profiles ⋈ personas, collected to the driver (training is single-node)."""
-    splits = store.read("splits")
-    aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
-    prof = profiles(interaction_texts(splits, store.read(ITEM_SUMMARIES.name), aspects), k)
+    prof = profiles(stored_interaction_texts(store, cfg), cfg.profile.k)
     personas = store.read(ITEM_PERSONAS.name)
     per_item = personas.groupBy(ITEM_ID).agg(
         F.sort_array(F.collect_list(F.struct("persona_index", "persona_id", "persona_text"))).alias("all_personas"))

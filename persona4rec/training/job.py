@@ -74,7 +74,7 @@ def fit(spark: SparkSession, cfg: Config):
     """Train, log and register; returns (report, the in-memory merged model)."""
     store = TableStore(spark, cfg)
     s = cfg.train
-    examples = load_examples(store, cfg.profile.k)
+    examples = load_examples(store, cfg)
     train_set, val_set = split_examples(examples, s.validation_fraction, s.seed)
     if len(train_set) < 2:
         raise ValueError(f"only {len(train_set)} training pair(s) in '{ALIGNMENT_PAIRS.name}': run `align` "

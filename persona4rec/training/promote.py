@@ -54,7 +54,7 @@ def run(spark: SparkSession, cfg: Config) -> Decision:
     name = cfg.mlflow.registered_model
     if alias_version(client, name, CHALLENGER) is None:
         raise LookupError(f"no @{CHALLENGER} version of '{name}' at {cfg.tracking_uri()}: run train_encoder first")
-    examples = load_examples(TableStore(spark, cfg), cfg.profile.k)
+    examples = load_examples(TableStore(spark, cfg), cfg)
     _, val_set = split_examples(examples, cfg.train.validation_fraction, cfg.train.seed)
     score = {}
     versions = {}
