@@ -200,11 +200,24 @@ class CandidateSettings:
 class ScoringSettings:
     generator: Literal["als", "bpr"] = "bpr"  # whose candidates are reranked
     top_k: int = 10
-    # final = alpha * z(persona score) + (1 - alpha) * z(CF score), per user; 1 = pure rerank.
-    alpha: float = 1.0
+    # final = alpha * z(persona score) + (1 - alpha) * z(CF score), per user; 1 = pure rerank;
+    # auto = the α the evaluate job chose on validation, stored as a tag of the model version.
+    alpha: float | Literal["auto"] = 1.0
     explanation_max_chars: int = 240
     run_date: str | None = None  # YYYY-MM-DD; null = today (UTC)
     history_splits: tuple[str, ...] = ("train",)  # interactions that make the user vector
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    ks: tuple[int, ...] = (5, 10, 20)
+    # α candidates for the blend, chosen on the validation split (never on test) by NDCG@10.
+    alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    persona_caps: tuple[int, ...] = (1, 3, 5, 7)  # the paper's Table 10
+    user_group_fraction: float = 0.2  # warm = most active 20% of users, cold = least active 20%
+    head_item_fraction: float = 0.2  # head = most popular 20% of items (training interactions)
+    bootstrap_samples: int = 1000
+    seed: int = 11
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,7 @@ class Config:
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
     candidates: CandidateSettings = field(default_factory=CandidateSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     # The folder that holds conf/ (set by load_config): relative paths are resolved against it.
     project_root: str = str(PROJECT_ROOT)
 

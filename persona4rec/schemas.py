@@ -272,6 +272,38 @@ RECOMMENDATIONS = TableSpec(
     ]),
 )
 
+EVALUATION_METRICS = TableSpec(
+    name="evaluation_metrics",
+    keys=("run_id", SPLIT, "generator", "variant", "scenario", "k"),
+    schema=T.StructType([
+        T.StructField("run_id", T.StringType(), False),  # the MLflow run of the evaluation
+        T.StructField(SPLIT, T.StringType(), False),  # validation | test
+        T.StructField("generator", T.StringType(), False),
+        T.StructField("variant", T.StringType(), False),  # generator | vanilla | finetuned | … (README)
+        T.StructField("alpha", T.DoubleType(), True),
+        T.StructField("scenario", T.StringType(), False),  # all | warm_users | cold_users | head_items | tail_items
+        T.StructField("k", T.IntegerType(), False),
+        T.StructField("users", T.LongType(), False),
+        T.StructField("hr", T.DoubleType(), False),
+        T.StructField("mrr", T.DoubleType(), False),
+        T.StructField("ndcg", T.DoubleType(), False),
+    ]),
+)
+
+EVALUATION_RANKS = TableSpec(
+    name="evaluation_ranks",
+    keys=("run_id", SPLIT, "generator", "variant", USER_ID),
+    schema=T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField(SPLIT, T.StringType(), False),
+        T.StructField("generator", T.StringType(), False),
+        T.StructField("variant", T.StringType(), False),
+        T.StructField("alpha", T.DoubleType(), True),
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField("target_rank", T.IntegerType(), True),  # null: the held-out item was no candidate
+    ]),
+)
+
 LLM_CALLS = TableSpec(
     name="llm_calls",
     keys=("key",),

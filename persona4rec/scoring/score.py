@@ -133,16 +133,22 @@ def vector_matrix(batch: pa.RecordBatch, d: int) -> tuple[np.ndarray, np.ndarray
     return out, has
 
 
-def score_arrow_batch(batch: pa.RecordBatch, index: ScoringIndex, alpha: float, top_k: int) -> pa.RecordBatch:
-    """One Arrow batch of users (user_id, vector, cands list<item_id, row, cf_score, cf_rank>) → top-K rows."""
-    pm = index.pm
-    users, has = vector_matrix(batch, pm.vectors.shape[2])
+def candidate_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray, np.ndarray]:
+    """The `cands` list column as per-user counts, its fields (Arrow) and flat numpy rows, CF
+    scores and CF ranks."""
     cands = batch.column("cands")
-    counts = _list_counts(cands)
     fields = dict(zip([f.name for f in cands.type.value_type], cands.flatten().flatten()))
     rows = fields["row"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     cf = fields["cf_score"].to_numpy(zero_copy_only=False).astype(np.float64)
     cf_rank = fields["cf_rank"].to_numpy(zero_copy_only=False).astype(np.int64)
+    return _list_counts(cands), fields, rows, cf, cf_rank
+
+
+def score_arrow_batch(batch: pa.RecordBatch, index: ScoringIndex, alpha: float, top_k: int) -> pa.RecordBatch:
+    """One Arrow batch of users (user_id, vector, cands list<item_id, row, cf_score, cf_rank>) → top-K rows."""
+    pm = index.pm
+    users, has = vector_matrix(batch, pm.vectors.shape[2])
+    counts, fields, rows, cf, cf_rank = candidate_arrays(batch)
     r = rank_candidates(users, has, counts, rows, cf, cf_rank, pm, alpha, top_k)
     explained = r.slot >= 0
     slot = pa.array(np.where(explained, r.slot, 0), mask=~explained)
@@ -173,23 +179,26 @@ def scoring_index(index: DataFrame, max_chars: int) -> ScoringIndex:
                                            "embedding").toArrow(), max_chars)
 
 
-def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex) -> DataFrame:
-    """user_id, cands: each user's candidates with the persona-matrix row of the item (-1: not indexed)."""
+def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex, extra: tuple[str, ...] = ()) -> DataFrame:
+    """user_id, cands: each user's candidates with the persona-matrix row of the item (-1: not
+    indexed), plus any `extra` candidate columns."""
     items = spark.createDataFrame(pd.DataFrame({ITEM_ID: list(si.pm.item_index),
                                                 "row": np.fromiter(si.pm.item_index.values(), np.int32)}))
     joined = candidates.join(F.broadcast(items), ITEM_ID, "left").withColumn("row", F.coalesce("row", F.lit(-1)))
-    return joined.groupBy(USER_ID).agg(F.collect_list(F.struct(ITEM_ID, "row", "cf_score", "cf_rank")).alias("cands"))
+    return joined.groupBy(USER_ID).agg(
+        F.collect_list(F.struct(ITEM_ID, "row", "cf_score", "cf_rank", *extra)).alias("cands"))
 
 
 def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame, cfg: Config,
-              model_version: str, run_date: dt.date, generator: str) -> DataFrame:
+              model_version: str, run_date: dt.date, generator: str, alpha: float | None = None) -> DataFrame:
     """candidates (user_id, item_id, cf_score, cf_rank) + user_vectors (user_id, vector) + the
-    persona index → the recommendations rows of every user with candidates."""
+    persona index → the recommendations rows of every user with candidates. alpha: the blend
+    weight (default: scoring.alpha, which must then be a number)."""
     sc = cfg.scoring
     si = scoring_index(index, sc.explanation_max_chars)
     bc = spark.sparkContext.broadcast(si)
     users = user_candidates(spark, candidates, si).join(user_vectors.select(USER_ID, "vector"), USER_ID, "left")
-    alpha, top_k = sc.alpha, sc.top_k
+    alpha, top_k = float(sc.alpha if alpha is None else alpha), sc.top_k
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         si_ = bc.value
@@ -199,6 +208,22 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
     return users.mapInArrow(score, OUTPUT_DDL).select(
         F.lit(run_date).alias("run_date"), F.lit(generator).alias("generator"),
         F.lit(model_version).alias("model_version"), "*")
+
+
+def resolve_alpha(cfg: Config, model_version: str, generator: str) -> float:
+    """scoring.alpha, or for `auto` the α the evaluate job chose on validation for this model
+    version and generator (1.0, the pure rerank, until one was chosen — said in the log)."""
+    if cfg.scoring.alpha != "auto":
+        return float(cfg.scoring.alpha)
+    from persona4rec.training.registry import blend_alpha  # MLflow only on the driver, only when asked
+
+    chosen = blend_alpha(cfg, model_version, generator)
+    if chosen is None:
+        log.warning("scoring.alpha = auto, but no α was chosen for model %s and generator %s yet (run the "
+                    "evaluate job): using 1.0, the pure persona rerank", model_version, generator)
+        return 1.0
+    log.info("scoring.alpha = auto: %.2f, chosen on validation for model %s / %s", chosen, model_version, generator)
+    return chosen
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
@@ -212,7 +237,8 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     refreshed = refresh_user_vectors(store, versions[0], sc.history_splits, cfg.profile.k, cfg.profile.gamma)
     vectors = store.read(USER_VECTORS.name).filter(F.col("model_version") == versions[0])
     candidates = store.read(CANDIDATES.name).filter(F.col("generator") == sc.generator)
-    recs = recommend(spark, candidates, vectors, index, cfg, versions[0], run_date, sc.generator)
+    alpha = resolve_alpha(cfg, versions[0], sc.generator)
+    recs = recommend(spark, candidates, vectors, index, cfg, versions[0], run_date, sc.generator, alpha)
     w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND generator = '{sc.generator}'")
     written = store.read(RECOMMENDATIONS.name).filter(
         (F.col("run_date") == F.lit(run_date)) & (F.col("generator") == sc.generator))
@@ -221,4 +247,4 @@ def run(spark: SparkSession, cfg: Config) -> dict:
              stats[0], stats[1])
     return {"run_date": run_date.isoformat(), "generator": sc.generator, "model_version": versions[0],
             "users": int(stats[0]), "rows": int(stats[1]), "delta_version": w.version,
-            "user_vectors_recomputed": refreshed["recomputed"]}
+            "user_vectors_recomputed": refreshed["recomputed"], "alpha": alpha}

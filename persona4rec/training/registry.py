@@ -65,3 +65,22 @@ def register(cfg: Config, client: MlflowClient, model, input_example: list[str],
     version = str(info.registered_model_version)
     client.set_registered_model_alias(cfg.mlflow.registered_model, alias, version)
     return version
+
+
+BLEND_ALPHA_TAG = "blend_alpha_{generator}"
+
+
+def set_blend_alpha(cfg: Config, client: MlflowClient, version: str, generator: str, alpha: float) -> None:
+    """Store the blend α chosen on validation with the model version it was chosen for."""
+    client.set_model_version_tag(cfg.mlflow.registered_model, version, BLEND_ALPHA_TAG.format(generator=generator),
+                                 str(alpha))
+
+
+def blend_alpha(cfg: Config, version: str, generator: str) -> float | None:
+    """The α `set_blend_alpha` stored for this model version and generator; None if never chosen."""
+    if version.startswith("untuned:"):
+        return None
+    client = setup_mlflow(cfg)
+    value = client.get_model_version(cfg.mlflow.registered_model, version).tags.get(
+        BLEND_ALPHA_TAG.format(generator=generator))
+    return float(value) if value is not None else None

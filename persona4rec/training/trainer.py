@@ -75,7 +75,10 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
     rng = random.Random(s.seed)
     result = TrainResult()
     started = time.time()
+    optimizer_steps = 0
     for epoch in range(1, s.epochs + 1):
+        if s.max_steps is not None and optimizer_steps >= s.max_steps:
+            break
         model.train()
         batches = [b for b in unique_batches(train_set, s.batch_size, rng) if len(b) >= 2]
         bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", unit="batch", leave=False)
@@ -89,12 +92,15 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
             if i % s.grad_accumulation == 0 or i == len(batches):
                 optimizer.step()
                 optimizer.zero_grad()
+                optimizer_steps += 1
             value = float(loss.detach()) * s.grad_accumulation
             result.steps += 1
             result.step_losses.append(value)
             bar.set_postfix(loss=f"{value:.3f}")
             if on_step:
                 on_step(result.steps, {"train_loss": value, "learning_rate": optimizer.param_groups[0]["lr"]})
+            if s.max_steps is not None and optimizer_steps >= s.max_steps:
+                break
         metrics = evaluate(model, val_set, gamma, s.temperature, s.batch_size)
         metrics["epoch"] = epoch
         result.epochs.append(metrics)

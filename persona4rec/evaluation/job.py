@@ -1,0 +1,244 @@
+"""Job `evaluate`: the paper's offline evaluation (leave-one-out, HR/MRR/NDCG@K) of every
+reranker variant against the CF generator it reranks, on the validation and test splits.
+
+Variants (each with the same candidates and protocol, see rankings.py):
+  generator          the CF order itself
+  vanilla            persona rerank (α = 1) with the un-tuned base encoder
+  finetuned          persona rerank (α = 1) with the @champion encoder
+  finetuned_blend    α·z(persona) + (1−α)·z(CF) with α chosen on validation NDCG@10 (never test)
+  summary_only       items indexed by their summary alone (no reviews), champion encoder
+  personas_<n>       only each item's first n personas (the paper's Table 10), champion encoder
+Scenarios: all users, warm / cold users (most / least active by training interactions), and
+users whose held-out item is a head / tail item (by training popularity).
+
+Results go to the Delta tables `evaluation_metrics` and `evaluation_ranks` (per user, for paired
+tests) and to an MLflow run (metrics, the chosen α, a bar chart). The chosen α of each generator
+is tagged on the champion model version (`blend_alpha_<generator>`), which is what
+`scoring.alpha: auto` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import mlflow
+import numpy as np
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from persona4rec.alignment.profiles import stored_interaction_texts
+from persona4rec.config import Config
+from persona4rec.evaluation.metrics import ndcg, spark_metrics
+from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
+from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_PERSONAS,
+                                 ITEM_SUMMARIES, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
+from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder
+from persona4rec.scoring.score import scoring_index
+from persona4rec.scoring.users import compute_user_vectors
+from persona4rec.tables import TableStore
+from persona4rec.training.encoder import resolve_model_name
+from persona4rec.training.registry import set_blend_alpha, setup_mlflow
+
+log = logging.getLogger(__name__)
+HISTORY = {VALIDATION: (TRAIN,), TEST: (TRAIN, VALIDATION)}
+
+
+class Embedded:
+    """One encoder's view of the catalogue and the users: persona, summary and interaction
+    embeddings (computed once, kept in memory for every variant)."""
+
+    def __init__(self, store: TableStore, cfg: Config, ref: EncoderRef):
+        self.ref = ref
+        personas = store.read(ITEM_PERSONAS.name).select(
+            ITEM_ID, "persona_id", "persona_index", "name", "description", "preference_rationale", "persona_text")
+        self.personas = embed_column(personas, "persona_text", ref).persist()
+        summaries = store.read(ITEM_SUMMARIES.name).select(
+            ITEM_ID, F.concat(F.col(ITEM_ID), F.lit("#summary")).alias("persona_id"), F.lit(0).alias("persona_index"),
+            F.lit("Item summary").alias("name"), F.col("summary").alias("description"),
+            F.lit("").alias("preference_rationale"), F.col("summary").alias("persona_text"))
+        self.summaries = embed_column(summaries, "persona_text", ref).persist()
+        texts = stored_interaction_texts(store, cfg).filter(F.col(SPLIT).isin(TRAIN, VALIDATION))
+        self.interactions = embed_column(texts, "text", ref).persist()
+        log.info("evaluation embeddings with %s: %d personas, %d summaries, %d interactions", ref.version,
+                 self.personas.count(), self.summaries.count(), self.interactions.count())
+
+    def vectors(self, split: str, k: int, gamma: float) -> DataFrame:
+        return compute_user_vectors(self.interactions.filter(F.col(SPLIT).isin(*HISTORY[split])), k, gamma)
+
+    def release(self) -> None:
+        for df in (self.personas, self.summaries, self.interactions):
+            df.unpersist()
+
+
+def scenario_labels(splits: DataFrame, cfg: Config) -> DataFrame:
+    """user_id, item_id (held-out items of validation and test) → scenario names they belong to."""
+    ev = cfg.evaluation
+    train = splits.filter(F.col(SPLIT) == TRAIN)
+    activity = train.groupBy(USER_ID).count()
+    w_users = Window.orderBy(F.col("count").desc(), F.xxhash64(USER_ID), USER_ID)
+    n_users = activity.count()
+    groups = activity.withColumn("_r", F.row_number().over(w_users)).select(
+        USER_ID, F.when(F.col("_r") <= ev.user_group_fraction * n_users, "warm_users")
+        .when(F.col("_r") > (1 - ev.user_group_fraction) * n_users, "cold_users").alias("user_group"))
+    popularity = train.groupBy(ITEM_ID).count()
+    n_items = popularity.count()
+    w_items = Window.orderBy(F.col("count").desc(), ITEM_ID)
+    heads = popularity.withColumn("_r", F.row_number().over(w_items)).select(
+        ITEM_ID, F.when(F.col("_r") <= ev.head_item_fraction * n_items, "head_items").otherwise("tail_items")
+        .alias("item_group"))
+    held = splits.filter(F.col(SPLIT) != TRAIN).select(SPLIT, USER_ID, ITEM_ID)
+    return (held.join(groups, USER_ID, "left").join(heads, ITEM_ID, "left")
+            .withColumn("item_group", F.coalesce("item_group", F.lit("tail_items")))  # unseen in training: tail
+            .select(SPLIT, USER_ID, "user_group", "item_group"))
+
+
+def with_scenarios(ranks: DataFrame, labels: DataFrame) -> DataFrame:
+    """Each rank row once per scenario it belongs to: all, its user group, its item group."""
+    j = ranks.join(labels, [SPLIT, USER_ID], "left")
+    return j.withColumn("scenario", F.explode(F.array_compact(F.array(
+        F.lit("all"), F.col("user_group"), F.col("item_group"))))).drop("user_group", "item_group")
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
+    """95% interval of mean(b) / mean(a) over users resampled with replacement (pairs kept)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(samples, len(a)))
+    base, new = a[idx].mean(axis=1), b[idx].mean(axis=1)
+    ratios = new[base > 0] / base[base > 0]
+    if not len(ratios):
+        return float("nan"), float("nan")
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def choose_alpha(val: DataFrame, k: int) -> tuple[float, dict[float, float]]:
+    """The α with the best validation NDCG@k (ties: the larger α, the purer persona rerank)."""
+    scores = {float(r["alpha"]): float(r["ndcg"]) for r in
+              spark_metrics(val, ["alpha"], (k,)).select("alpha", "ndcg").collect()}
+    best = max(scores, key=lambda a: (round(scores[a], 12), a))
+    return best, scores
+
+
+def bar_chart(rows: list, path: str, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = sorted({r["generator"] for r in rows})
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != "generator", v))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(variants)), 4))
+    width = 0.8 / max(len(gens), 1)
+    for g_i, g in enumerate(gens):
+        vals = {r["variant"]: r["ndcg"] for r in rows if r["generator"] == g}
+        ax.bar(np.arange(len(variants)) + g_i * width, [vals.get(v, 0.0) for v in variants], width, label=g)
+    ax.set_xticks(np.arange(len(variants)) + width * (len(gens) - 1) / 2, variants, rotation=30, ha="right")
+    ax.set_ylabel(f"NDCG@{k} (test)")
+    ax.set_title("Persona rerank variants vs the CF generator")
+    ax.legend(title="generator")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(spark: SparkSession, cfg: Config) -> dict:
+    store = TableStore(spark, cfg)
+    ev, prof = cfg.evaluation, cfg.profile
+    client = setup_mlflow(cfg)
+    base = EncoderRef(resolve_model_name(cfg.train.base_model), f"untuned:{cfg.train.base_model}")
+    champion = resolve_encoder(cfg)
+    encoders = {"vanilla": Embedded(store, cfg, base)}
+    encoders["finetuned"] = encoders["vanilla"] if champion.version == base.version else Embedded(store, cfg, champion)
+    if champion.version == base.version:
+        log.warning("no @champion encoder: the 'finetuned' variants equal 'vanilla'")
+    splits = store.read("splits")
+    candidates = store.read(CANDIDATES.name)
+    generators = sorted(r[0] for r in candidates.select("generator").distinct().collect())
+    max_chars, grid = cfg.scoring.explanation_max_chars, tuple(sorted(set(ev.alpha_grid) | {1.0}))
+    parts, alphas = [], {}
+    for split in (VALIDATION, TEST):
+        vec = {name: e.vectors(split, prof.k, prof.gamma).persist() for name, e in encoders.items()}
+        ft = encoders["finetuned"]
+        indexes = {"finetuned": scoring_index(ft.personas, max_chars),
+                   "vanilla": scoring_index(encoders["vanilla"].personas, max_chars),
+                   "summary_only": scoring_index(ft.summaries, max_chars),
+                   **{f"personas_{n}": scoring_index(ft.personas.filter(F.col("persona_index") < n), max_chars)
+                      for n in ev.persona_caps}}
+        for gen in generators:
+            targets, cands = eval_candidates(candidates.filter(F.col("generator") == gen), splits, split)
+            cands = cands.persist()
+            tag = lambda df, variant: df.select(F.lit(split).alias(SPLIT), F.lit(gen).alias("generator"),
+                                                F.lit(variant).alias("variant"), "alpha", USER_ID, "target_rank")
+            parts.append(tag(generator_ranks(targets, cands).withColumn("alpha", F.lit(None).cast("double")),
+                             "generator"))
+            for variant, si in indexes.items():
+                encoder = "vanilla" if variant == "vanilla" else "finetuned"
+                if variant == "finetuned" and split == VALIDATION:
+                    ranks = reranked_ranks(spark, targets, cands, vec[encoder], si, grid).persist()
+                    alphas[gen], by_alpha = choose_alpha(ranks, 10)
+                    log.info("blend α for %s chosen on validation: %.2f (NDCG@10 by α: %s)", gen, alphas[gen],
+                             {a: round(v, 4) for a, v in by_alpha.items()})
+                    parts.append(tag(ranks.filter(F.col("alpha") == 1.0), "finetuned"))
+                    parts.append(tag(ranks.filter(F.col("alpha") == alphas[gen]), "finetuned_blend"))
+                    continue
+                parts.append(tag(reranked_ranks(spark, targets, cands, vec[encoder], si, (1.0,)), variant))
+                if variant == "finetuned":
+                    parts.append(tag(reranked_ranks(spark, targets, cands, vec[encoder], si, (alphas[gen],)),
+                                     "finetuned_blend"))
+        for v in vec.values():
+            v.unpersist()
+
+    ranks = parts[0]
+    for p in parts[1:]:
+        ranks = ranks.unionByName(p)
+    with mlflow.start_run(run_name="evaluate") as active:
+        run_id = active.info.run_id
+        ranks = ranks.withColumn("run_id", F.lit(run_id)).persist()
+        store.upsert(ranks, EVALUATION_RANKS)
+        metrics = spark_metrics(with_scenarios(ranks, scenario_labels(splits, cfg)),
+                                ["run_id", SPLIT, "generator", "variant", "scenario"], ev.ks)
+        alpha_of = spark.createDataFrame([(g, "finetuned_blend", float(a)) for g, a in alphas.items()],
+                                         "generator string, variant string, alpha double")
+        metrics = metrics.join(alpha_of, ["generator", "variant"], "left").withColumn(
+            "alpha", F.when(F.col("variant") == "generator", None)
+            .otherwise(F.coalesce("alpha", F.lit(1.0)))).persist()
+        store.upsert(metrics, EVALUATION_METRICS)
+        rows = [r.asDict() for r in metrics.filter("scenario = 'all'").collect()]
+        table = {(r[SPLIT], r["generator"], r["variant"], r["k"]): r for r in rows}
+        summary = {"run_id": run_id, "encoder_vanilla": base.version, "encoder_finetuned": champion.version,
+                   "alpha": alphas, "generators": {}}
+        per_user = {}
+        for r in ranks.filter(F.col(SPLIT) == TEST).select("generator", "variant", USER_ID, "target_rank").collect():
+            per_user.setdefault((r["generator"], r["variant"]), {})[r[USER_ID]] = r["target_rank"]
+        for gen in generators:
+            gen_ranks = per_user[(gen, "generator")]
+            users = sorted(gen_ranks)
+            a = np.array([ndcg(gen_ranks[u], 10) for u in users])
+            b = np.array([ndcg(per_user[(gen, "finetuned")][u], 10) for u in users])
+            low, high = paired_bootstrap(a, b, ev.bootstrap_samples, ev.seed)
+            cell = lambda variant, metric, k=10: table[(TEST, gen, variant, k)][metric]
+            summary["generators"][gen] = {
+                "users": len(users), "alpha": alphas[gen],
+                **{f"{m}{k}_{v}": round(cell(v, m, k), 5) for v in sorted({key[2] for key in table})
+                   for m in ("ndcg", "hr", "mrr") for k in ev.ks},
+                "ndcg10_gain_ci": [round(low, 4), round(high, 4)]}
+        mlflow.log_params({"encoder_vanilla": base.version, "encoder_finetuned": champion.version,
+                           "ks": list(ev.ks), "persona_caps": list(ev.persona_caps), "k_history": prof.k,
+                           "gamma": prof.gamma, **{f"alpha_{g}": a for g, a in alphas.items()}})
+        mlflow.log_metrics({f"{r[SPLIT]}.{r['generator']}.{r['variant']}.{m}_{r['k']}": float(r[m])
+                            for r in rows for m in ("hr", "mrr", "ndcg")})
+        with tempfile.TemporaryDirectory() as tmp:
+            chart = os.path.join(tmp, "ndcg10_test.png")
+            bar_chart([r for r in rows if r[SPLIT] == TEST and r["k"] == 10], chart, 10)
+            mlflow.log_artifact(chart)
+            mlflow.log_dict(summary, "summary.json")
+        ranks.unpersist()
+        metrics.unpersist()
+    if champion.version != base.version:
+        for gen, a in alphas.items():
+            set_blend_alpha(cfg, client, champion.version, gen, a)
+    for e in {id(e): e for e in encoders.values()}.values():
+        e.release()
+    log.info("evaluation run %s: %s", run_id, summary)
+    return summary

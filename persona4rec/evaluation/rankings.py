@@ -1,0 +1,76 @@
+"""Where each user's held-out item lands, per generator and reranker variant, computed in Spark.
+
+Protocol (kept identical for every variant): the candidates are the generator's top-N for the
+user (trained on the training split, training items excluded). At test time the user's
+validation item is a known interaction and is removed from the candidates too. The held-out item's
+rank among the remaining candidates is recorded; a held-out item that is not a candidate is a
+miss (null rank) — the reranker can only reorder what the generator proposed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from persona4rec.schemas import ITEM_ID, SPLIT, USER_ID, VALIDATION
+from persona4rec.scoring.score import (ScoringIndex, candidate_arrays, rank_candidates, user_candidates,
+                                       vector_matrix)
+
+_OUT = pa.schema([(USER_ID, pa.string()), ("alpha", pa.float64()), ("target_rank", pa.int32())])
+
+
+def eval_candidates(candidates: DataFrame, splits: DataFrame, split: str) -> tuple[DataFrame, DataFrame]:
+    """(targets: user_id, item_id of the held-out interactions of `split`;
+    candidates: user_id, item_id, cf_score, cf_rank, is_target with seen items removed)."""
+    targets = splits.filter(F.col(SPLIT) == split).select(USER_ID, ITEM_ID)
+    cands = candidates.select(USER_ID, ITEM_ID, "cf_score", "cf_rank")
+    if split != VALIDATION:
+        seen = splits.filter(F.col(SPLIT) == VALIDATION).select(USER_ID, ITEM_ID)
+        cands = cands.join(seen, [USER_ID, ITEM_ID], "left_anti")
+    cands = cands.join(targets.select(USER_ID, ITEM_ID, F.lit(True).alias("is_target")), [USER_ID, ITEM_ID], "left") \
+        .withColumn("is_target", F.coalesce("is_target", F.lit(False)))
+    return targets, cands
+
+
+def generator_ranks(targets: DataFrame, cands: DataFrame) -> DataFrame:
+    """user_id, target_rank in the generator's own order (CF rank after removing seen items)."""
+    w = Window.partitionBy(USER_ID).orderBy("cf_rank", ITEM_ID)
+    ranked = cands.withColumn("target_rank", F.row_number().over(w)).filter("is_target")
+    return targets.select(USER_ID).join(ranked.select(USER_ID, F.col("target_rank").cast("int")), USER_ID, "left")
+
+
+def reranked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, vectors: DataFrame,
+                   si: ScoringIndex, alphas: tuple[float, ...]) -> DataFrame:
+    """user_id, alpha, target_rank after the persona rerank (Eq. 10, blended with CF by alpha)."""
+    bc = spark.sparkContext.broadcast(si)
+    users = user_candidates(spark, cands, si, ("is_target",)).join(vectors.select(USER_ID, "vector"), USER_ID, "left")
+
+    def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        index = bc.value
+        for batch in batches:
+            vec, has = vector_matrix(batch, index.pm.vectors.shape[2])
+            counts, fields, rows, cf, cf_rank = candidate_arrays(batch)
+            is_target = fields["is_target"].to_numpy(zero_copy_only=False).astype(bool)
+            ids, alpha_out, rank_out = [], [], []
+            for alpha in alphas:
+                r = rank_candidates(vec, has, counts, rows, cf, cf_rank, index.pm, alpha, None)
+                hit = is_target[r.candidate]
+                ids.append(r.user[hit])
+                rank_out.append(r.rank[hit])
+                alpha_out.append(np.full(int(hit.sum()), alpha))
+            users_col = batch.column(USER_ID)
+            yield pa.RecordBatch.from_arrays([
+                users_col.take(pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int64))).cast(pa.string()),
+                pa.array(np.concatenate(alpha_out) if alpha_out else np.zeros(0), pa.float64()),
+                pa.array(np.concatenate(rank_out).astype(np.int32) if rank_out else np.zeros(0, np.int32), pa.int32()),
+            ], schema=_OUT)
+
+    ranked = users.mapInArrow(rank, "user_id string, alpha double, target_rank int")
+    grid = spark.createDataFrame([(float(a),) for a in alphas], "alpha double")
+    return targets.select(USER_ID).crossJoin(grid).join(ranked, [USER_ID, "alpha"], "left")
+
+
