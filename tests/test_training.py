@@ -155,3 +155,14 @@ def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path)
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
     tags = client.get_model_version(name, v3).tags
     assert tags["promotion_decision"] == "refused"
+
+    # The blend α chosen by the evaluate job travels with the model version: scoring.alpha=auto.
+    from persona4rec.scoring.score import resolve_alpha
+    from persona4rec.training.registry import set_blend_alpha
+
+    auto = training_config(tmp_path, "train.epochs=2", "scoring.alpha=auto")
+    assert resolve_alpha(auto, report.model_version, "bpr") == 1.0  # nothing chosen yet: the pure rerank
+    set_blend_alpha(cfg, client, report.model_version, "bpr", 0.3)
+    assert resolve_alpha(auto, report.model_version, "bpr") == 0.3
+    assert resolve_alpha(auto, report.model_version, "als") == 1.0
+    assert resolve_alpha(training_config(tmp_path, "scoring.alpha=0.7"), report.model_version, "bpr") == 0.7

@@ -5,7 +5,8 @@ reviews are embedded with the base encoder and clustered (offline/cluster.py); e
 one persona — its name from the words typical of the cluster, its description from the review
 nearest the cluster centre, its rationale quoting the strongest review signal (the most helpful
 review, else the most decided rating) — and every item without reviews gets the same summary-only
-persona as the LLM path. Summaries are the metadata text (title, description, categories).
+persona as the LLM path. Summaries are the metadata text (title, description, categories), or
+the lead of the most helpful review when an item has no metadata.
 Alignment needs no judge: a training interaction's persona is the cluster holding the user's own
 review of the item. The tables, ids and contracts are the LLM path's, so every later stage,
 test and job is shared.
@@ -19,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -37,6 +38,7 @@ from persona4rec.training.encoder import resolve_model_name
 log = logging.getLogger(__name__)
 SOURCE = "extractive"
 CLUSTER_JUSTIFICATION = "The user's own review of this item belongs to this persona's review cluster."
+SUMMARY_CHARS = 200  # review-based summary of an item without metadata
 MAX_REVIEWS_CLUSTERED = 200  # per item; further reviews join their nearest cluster
 _OUT = T.StructType([
     T.StructField(ITEM_ID, T.StringType()), T.StructField("persona_index", T.IntegerType()),
@@ -45,14 +47,24 @@ _OUT = T.StructType([
     T.StructField("members", T.ArrayType(T.StringType()))])
 
 
-def summaries(items: DataFrame) -> DataFrame:
-    """item_summaries rows from metadata alone (the LLM path's fallback text)."""
+def summaries(items: DataFrame, reviews: DataFrame) -> DataFrame:
+    """item_summaries rows without an LLM: the metadata text (the LLM path's fallback), or, when
+    the item has no title, description or category, what its most helpful review says first."""
+    best = Window.partitionBy(ITEM_ID).orderBy(F.col("helpful_votes").desc_nulls_last(), F.col(TS), F.col(USER_ID))
+    lead = (reviews.withColumn("_r", F.row_number().over(best)).filter("_r = 1")
+            .select(ITEM_ID, F.col("review_text").alias("_lead")))
+
     def render(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            yield pd.DataFrame({ITEM_ID: pdf[ITEM_ID],
-                                "summary": [tasks.fallback_summary(r) for r in pdf.to_dict("records")]})
+            out = []
+            for r in pdf.to_dict("records"):
+                text = tasks.fallback_summary(r)
+                if text == f"Item {r[ITEM_ID]}" and isinstance(r.get("_lead"), str):
+                    text = f"Item {r[ITEM_ID]}. Reviewers say: {cluster.first_sentences(r['_lead'], SUMMARY_CHARS)}"
+                out.append(text)
+            yield pd.DataFrame({ITEM_ID: pdf[ITEM_ID], "summary": out})
 
-    return items.mapInPandas(render, f"{ITEM_ID} string, summary string").select(
+    return items.join(lead, ITEM_ID, "left").mapInPandas(render, f"{ITEM_ID} string, summary string").select(
         ITEM_ID, "summary", F.lit(SOURCE).alias("source"), F.lit("skipped").alias("status"),
         *[F.lit(None).cast("string").alias(c) for c in ("llm_key", "prompt", "model")])
 
@@ -116,7 +128,8 @@ def clustered_personas(reviews: DataFrame, cfg: Config) -> DataFrame:
 def summarise(spark: SparkSession, cfg: Config) -> dict:
     """Stage summarise_items without an LLM."""
     store = TableStore(spark, cfg)
-    w = store.upsert(summaries(store.read(ITEMS.name)), ITEM_SUMMARIES, delete_missing=True)
+    w = store.upsert(summaries(store.read(ITEMS.name), usable_reviews(store, cfg)), ITEM_SUMMARIES,
+                     delete_missing=True)
     return {"item_summaries": {"version": w.version, **w.metrics}}
 
 

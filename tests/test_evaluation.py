@@ -1,0 +1,89 @@
+"""Evaluation: metric definitions, Spark vs plain Python agreement, and the leave-one-out protocol."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pyspark.sql import functions as F
+
+from persona4rec.evaluation import metrics
+from persona4rec.evaluation.job import choose_alpha, paired_bootstrap
+from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
+from persona4rec.scoring.score import ScoringIndex
+
+KS = (5, 10, 20)
+
+
+@pytest.mark.unit
+def test_hand_computed_hit_at_rank_1_rank_10_and_a_miss():
+    assert metrics.summarise([1], KS) == {f"{m}@{k}": 1.0 for k in KS for m in ("hr", "mrr", "ndcg")}
+    at10 = metrics.summarise([10], KS)
+    assert at10["hr@5"] == at10["mrr@5"] == at10["ndcg@5"] == 0.0
+    assert at10["hr@10"] == 1.0 and at10["mrr@10"] == pytest.approx(0.1)
+    assert at10["ndcg@10"] == pytest.approx(1 / math.log2(11)) and at10["ndcg@20"] == at10["ndcg@10"]
+    assert metrics.summarise([None], KS) == {f"{m}@{k}": 0.0 for k in KS for m in ("hr", "mrr", "ndcg")}
+    both = metrics.summarise([1, None], (10,))
+    assert both == {"hr@10": 0.5, "mrr@10": 0.5, "ndcg@10": 0.5}
+
+
+@pytest.mark.unit
+def test_paired_bootstrap_is_reproducible_and_brackets_the_ratio():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, 300)
+    b = a * 1.2
+    lo, hi = paired_bootstrap(a, b, 500, seed=3)
+    assert (lo, hi) == paired_bootstrap(a, b, 500, seed=3)
+    assert lo == pytest.approx(1.2) and hi == pytest.approx(1.2)
+    lo, hi = paired_bootstrap(a, rng.uniform(0, 1, 300), 500, seed=3)
+    assert lo < 1.0 < hi
+
+
+@pytest.mark.spark
+def test_spark_metrics_agree_with_the_python_reference(spark):
+    rng = np.random.default_rng(1)
+    rows = [(v, f"U{u}", None if rng.random() < 0.25 else int(rng.integers(1, 25)))
+            for v in ("a", "b") for u in range(300)]
+    df = spark.createDataFrame(rows, "variant string, user_id string, target_rank int")
+    got = {(r.variant, r.k): r for r in metrics.spark_metrics(df, ["variant"], KS).collect()}
+    for v in ("a", "b"):
+        ref = metrics.summarise([r for vv, _, r in rows if vv == v], KS)
+        for k in KS:
+            assert got[(v, k)].users == 300
+            for m in ("hr", "mrr", "ndcg"):
+                assert getattr(got[(v, k)], m) == pytest.approx(ref[f"{m}@{k}"], abs=1e-12)
+
+
+@pytest.mark.spark
+def test_choose_alpha_picks_the_best_validation_ndcg_and_prefers_the_purer_rerank_on_ties(spark):
+    rows = [(0.0, "U1", 3), (0.5, "U1", 1), (1.0, "U1", 1), (0.0, "U2", 2), (0.5, "U2", 2), (1.0, "U2", 2)]
+    df = spark.createDataFrame(rows, "alpha double, user_id string, target_rank int")
+    best, scores = choose_alpha(df, 10)
+    assert best == 1.0 and scores[0.5] == scores[1.0] > scores[0.0]
+
+
+@pytest.mark.spark
+def test_protocol_removes_the_validation_item_at_test_time_and_counts_absent_targets_as_misses(spark):
+    splits = spark.createDataFrame([
+        ("U1", "A", "train"), ("U1", "V", "validation"), ("U1", "T", "test"),
+        ("U2", "B", "train"), ("U2", "W", "validation"), ("U2", "X", "test")], "user_id string, item_id string, split string")
+    cands = spark.createDataFrame([
+        ("U1", "V", 9.0, 1), ("U1", "C", 8.0, 2), ("U1", "T", 7.0, 3), ("U1", "D", 6.0, 4),
+        ("U2", "C", 9.0, 1), ("U2", "D", 8.0, 2)], "user_id string, item_id string, cf_score double, cf_rank int")
+    targets, ev = eval_candidates(cands, splits, "test")
+    gen = {r.user_id: r.target_rank for r in generator_ranks(targets, ev).collect()}
+    assert gen == {"U1": 2, "U2": None}  # V is known at test time; X was never a candidate
+    val_targets, val = eval_candidates(cands, splits, "validation")
+    assert {r.user_id: r.target_rank for r in generator_ranks(val_targets, val).collect()} == {"U1": 1, "U2": None}
+
+    # Persona rerank: U1's vector points at T's persona, so T rises to the top at α = 1; at α = 0
+    # the order is the generator's.
+    d = 4
+    table = pa.table({"item_id": ["C", "D", "T", "V"], "persona_id": ["C#0", "D#0", "T#0", "V#0"],
+                      "name": ["c", "d", "t", "v"], "description": ["x"] * 4, "preference_rationale": ["y"] * 4,
+                      "embedding": [list(np.eye(d, dtype=np.float32)[i]) for i in range(4)]})
+    si = ScoringIndex.build(table, 100)
+    vectors = spark.createDataFrame([("U1", [0.0, 0.0, 1.0, 0.0])], "user_id string, vector array<float>")
+    ranks = {(r.user_id, r.alpha): r.target_rank
+             for r in reranked_ranks(spark, targets, ev, vectors, si, (0.0, 1.0)).collect()}
+    assert ranks == {("U1", 1.0): 1, ("U1", 0.0): 2, ("U2", 1.0): None, ("U2", 0.0): None}
