@@ -167,6 +167,9 @@ class TrainSettings:
     temperature: float = 0.05
     validation_fraction: float = 0.2  # of users: their alignment pairs are held out
     max_steps: int | None = None  # stop after this many optimizer steps (null = all epochs)
+    # null = exact: gradient through all k history texts. m = gradient through the newest m only,
+    # older ones from embeddings refreshed each epoch (cheaper steps; see trainer.batch_user_vectors).
+    history_grad_items: int | None = None
     seed: int = 13
 
 

@@ -8,12 +8,16 @@ PERSONA4REC_TARGET. On Databricks the attached cluster's session is reused.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from persona4rec.config import Config, load_config
 from persona4rec.tables import TableStore
 
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
-def context() -> tuple["SparkSession", Config, TableStore]:  # noqa: F821
+
+def context() -> tuple["SparkSession", Config, TableStore]:
     from persona4rec.spark import get_spark
 
     overrides = [o.strip() for o in os.environ.get("PERSONA4REC_OVERRIDES", "").split(";") if o.strip()]

@@ -277,6 +277,7 @@ EVALUATION_METRICS = TableSpec(
     keys=("run_id", SPLIT, "generator", "variant", "scenario", "k"),
     schema=T.StructType([
         T.StructField("run_id", T.StringType(), False),  # the MLflow run of the evaluation
+        T.StructField("evaluated_at", T.TimestampType(), False),
         T.StructField(SPLIT, T.StringType(), False),  # validation | test
         T.StructField("generator", T.StringType(), False),
         T.StructField("variant", T.StringType(), False),  # generator | vanilla | finetuned | … (README)

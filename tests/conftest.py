@@ -48,3 +48,19 @@ def write_lines(path: Path, lines: list[str | bytes | dict]) -> Path:
         data = gzip.compress(data)
     path.write_bytes(data)
     return path
+
+
+@pytest.fixture(scope="session")
+def extractive_run(spark, tmp_path_factory):
+    """The whole pipeline on the sample with the LLM-free persona builder (a short training),
+    then the evaluate job: tables, MLflow store and results shared by the tests that read them."""
+    from persona4rec import pipeline
+    from persona4rec.evaluation import job as evaluate
+
+    tmp = tmp_path_factory.mktemp("extractive_run")
+    cfg = make_config(tmp, "offline.persona_builder=extractive", "train.epochs=1", "train.max_steps=4",
+                      f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", f"mlflow.artifact_root={tmp / 'mlruns'}",
+                      "scoring.run_date=2026-11-25", "evaluation.bootstrap_samples=200")
+    results = pipeline.run(spark, cfg)
+    results["evaluate"] = evaluate.run(spark, cfg)
+    return tmp, cfg, results

@@ -166,3 +166,19 @@ def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path)
     assert resolve_alpha(auto, report.model_version, "bpr") == 0.3
     assert resolve_alpha(auto, report.model_version, "als") == 1.0
     assert resolve_alpha(training_config(tmp_path, "scoring.alpha=0.7"), report.model_version, "bpr") == 0.7
+
+
+@pytest.mark.unit
+def test_cached_history_user_vectors_equal_the_exact_ones_at_the_same_weights():
+    from persona4rec.training.trainer import batch_user_vectors, history_cache
+
+    model = load_encoder("packaged:all-MiniLM-L6-v2", "cpu", 32)
+    model.eval()
+    hist = [("a red guitar", "a blue drum", "new strings", "a quiet amp"), ("one pedal",), ("cables", "a case")]
+    ex = [Example(f"U{i}", f"I{i}", h, "p", "persona", ()) for i, h in enumerate(hist)]
+    with torch.no_grad():
+        exact = batch_user_vectors(model, hist, 0.8)
+        cache = history_cache(model, ex, 1)
+        cached = batch_user_vectors(model, hist, 0.8, cache, 1)
+    assert set(cache) == {"a red guitar", "a blue drum", "new strings", "cables"}  # newest texts are not cached
+    assert torch.allclose(exact, cached, atol=1e-5)

@@ -19,6 +19,7 @@ is tagged on the champion model version (`blend_alpha_<generator>`), which is wh
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import tempfile
@@ -34,11 +35,10 @@ from persona4rec.evaluation.metrics import ndcg, spark_metrics
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
 from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_PERSONAS,
                                  ITEM_SUMMARIES, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
-from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder
+from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder, untuned_encoder
 from persona4rec.scoring.score import scoring_index
 from persona4rec.scoring.users import compute_user_vectors
 from persona4rec.tables import TableStore
-from persona4rec.training.encoder import resolve_model_name
 from persona4rec.training.registry import set_blend_alpha, setup_mlflow
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     store = TableStore(spark, cfg)
     ev, prof = cfg.evaluation, cfg.profile
     client = setup_mlflow(cfg)
-    base = EncoderRef(resolve_model_name(cfg.train.base_model), f"untuned:{cfg.train.base_model}")
+    base = untuned_encoder(cfg)
     champion = resolve_encoder(cfg)
     encoders = {"vanilla": Embedded(store, cfg, base)}
     encoders["finetuned"] = encoders["vanilla"] if champion.version == base.version else Embedded(store, cfg, champion)
@@ -195,12 +195,14 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     with mlflow.start_run(run_name="evaluate") as active:
         run_id = active.info.run_id
         ranks = ranks.withColumn("run_id", F.lit(run_id)).persist()
+        evaluated_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         store.upsert(ranks, EVALUATION_RANKS)
         metrics = spark_metrics(with_scenarios(ranks, scenario_labels(splits, cfg)),
                                 ["run_id", SPLIT, "generator", "variant", "scenario"], ev.ks)
         alpha_of = spark.createDataFrame([(g, "finetuned_blend", float(a)) for g, a in alphas.items()],
                                          "generator string, variant string, alpha double")
         metrics = metrics.join(alpha_of, ["generator", "variant"], "left").withColumn(
+            "evaluated_at", F.lit(evaluated_at)).withColumn(
             "alpha", F.when(F.col("variant") == "generator", None)
             .otherwise(F.coalesce("alpha", F.lit(1.0)))).persist()
         store.upsert(metrics, EVALUATION_METRICS)

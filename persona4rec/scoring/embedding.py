@@ -29,6 +29,7 @@ _WORKER_MODELS: dict[str, object] = {}
 class EncoderRef:
     path: str  # a folder SentenceTransformer can load
     version: str  # registry version, or "untuned:<base model>"
+    max_seq_length: int | None = None  # tokens per text (as in training); None = the model's own
 
 
 def resolve_encoder(cfg: Config) -> EncoderRef:
@@ -39,22 +40,32 @@ def resolve_encoder(cfg: Config) -> EncoderRef:
     if version is None:
         log.warning("no @%s for %s at %s: scoring with the un-tuned encoder %s", CHAMPION,
                     cfg.mlflow.registered_model, cfg.tracking_uri(), cfg.train.base_model)
-        return EncoderRef(resolve_model_name(cfg.train.base_model), f"untuned:{cfg.train.base_model}")
+        return untuned_encoder(cfg)
     folder = os.path.join(cfg.resolve_path(cfg.storage.root), "_models", f"{cfg.mlflow.registered_model}-v{version}")
     if not os.path.isdir(folder):
         model, _ = load_alias(cfg, CHAMPION)
         model.save(folder)
-    return EncoderRef(folder, str(version))
+    return EncoderRef(folder, str(version), cfg.train.max_seq_length)
 
 
-def worker_model(path: str):
-    model = _WORKER_MODELS.get(path)
+def untuned_encoder(cfg: Config) -> EncoderRef:
+    return EncoderRef(resolve_model_name(cfg.train.base_model), f"untuned:{cfg.train.base_model}",
+                      cfg.train.max_seq_length)
+
+
+def worker_model(path: str, max_seq_length: int | None = None):
+    """The model at `path`, loaded once per Python worker (texts longer than max_seq_length
+    tokens are cut, as in training)."""
+    key = f"{path}@{max_seq_length}"
+    model = _WORKER_MODELS.get(key)
     if model is None:
         from sentence_transformers import SentenceTransformer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = SentenceTransformer(path, device="cpu")
-        _WORKER_MODELS[path] = model
+        if max_seq_length:
+            model.max_seq_length = max_seq_length
+        _WORKER_MODELS[key] = model
     return model
 
 
@@ -62,10 +73,10 @@ def embed_column(df: DataFrame, text_col: str, ref: EncoderRef, batch_size: int 
     """df + `embedding` (array<float>, L2-normalised) + `model_version`; other columns kept."""
     schema = T.StructType(df.schema.fields + [T.StructField("embedding", T.ArrayType(T.FloatType())),
                                               T.StructField("model_version", T.StringType())])
-    path, version = ref.path, ref.version
+    path, version, max_len = ref.path, ref.version, ref.max_seq_length
 
     def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        model = worker_model(path)
+        model = worker_model(path, max_len)
         for pdf in batches:
             vecs = model.encode(pdf[text_col].tolist(), batch_size=batch_size, convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=False).astype(np.float32)

@@ -39,16 +39,38 @@ def encode_with_grad(model: SentenceTransformer, texts: list[str]) -> torch.Tens
     return F.normalize(model(features)["sentence_embedding"], dim=-1)
 
 
-def batch_user_vectors(model: SentenceTransformer, histories: list[tuple[str, ...]], gamma: float) -> torch.Tensor:
-    """One forward pass over every history text of the batch, then per-user decayed means."""
-    flat = [t for h in histories for t in h]
+def batch_user_vectors(model: SentenceTransformer, histories: list[tuple[str, ...]], gamma: float,
+                       cache: dict[str, torch.Tensor] | None = None, grad_items: int | None = None) -> torch.Tensor:
+    """One forward pass over the history texts of the batch, then per-user decayed means.
+
+    Exact by default: every history text passes through the model with gradient. With
+    `grad_items` = m and a `cache` of embeddings from the start of the epoch (see
+    `history_cache`), only each user's newest m texts do; older ones come from the cache without
+    gradient. The γ-decay gives those the least weight, and a step then costs m instead of k
+    forward and backward passes per user (`train.history_grad_items`)."""
+    cut = [0 if grad_items is None or cache is None else max(len(h) - grad_items, 0) for h in histories]
+    flat = [t for h, c in zip(histories, cut) for t in h[c:]]
     emb = encode_with_grad(model, flat)
     out, start = [], 0
-    for h in histories:
+    for h, c in zip(histories, cut):
+        fresh = emb[start:start + len(h) - c]
+        rows = torch.cat([torch.stack([cache[t] for t in h[:c]]).to(emb.device), fresh]) if c else fresh
         w = torch.as_tensor(decay_weights(len(h), gamma), dtype=emb.dtype, device=emb.device)
-        out.append((w[:, None] * emb[start:start + len(h)]).sum(0) / w.sum())
-        start += len(h)
+        out.append((w[:, None] * rows).sum(0) / w.sum())
+        start += len(h) - c
     return F.normalize(torch.stack(out), dim=-1)
+
+
+def history_cache(model: SentenceTransformer, examples: list[Example], grad_items: int,
+                  batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Embeddings (no gradient, current weights) of every history text that some example uses
+    outside its newest `grad_items` — refreshed once per epoch."""
+    texts = sorted({t for e in examples for t in e.history[:max(len(e.history) - grad_items, 0)]})
+    was_training = model.training
+    model.eval()
+    vecs = embed(model, texts, batch_size)
+    model.train(was_training)
+    return {t: torch.from_numpy(v) for t, v in zip(texts, vecs)}
 
 
 @dataclass
@@ -80,12 +102,13 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
         if s.max_steps is not None and optimizer_steps >= s.max_steps:
             break
         model.train()
+        cache = history_cache(model, train_set, s.history_grad_items) if s.history_grad_items else None
         batches = [b for b in unique_batches(train_set, s.batch_size, rng) if len(b) >= 2]
         bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", unit="batch", leave=False)
         optimizer.zero_grad()
         for i, idx in enumerate(bar, start=1):
             ex = [train_set[j] for j in idx]
-            users = batch_user_vectors(model, [e.history for e in ex], gamma)
+            users = batch_user_vectors(model, [e.history for e in ex], gamma, cache, s.history_grad_items)
             personas = encode_with_grad(model, [e.persona_text for e in ex])
             loss = info_nce(users, personas, s.temperature) / s.grad_accumulation
             loss.backward()

@@ -1,0 +1,53 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # A user: history, candidates, reranked recommendations
+# MAGIC The user's interactions (the profile the user vector is built from), the CF generator's
+# MAGIC candidates, and the persona-reranked recommendations of the latest run with the persona that
+# MAGIC explains each pick. Set `USER` to look at another user.
+
+# COMMAND ----------
+
+from pyspark.sql import functions as F
+
+from persona4rec.notebook import context
+
+spark, cfg, store = context()
+recs = store.read("recommendations")
+latest = recs.agg(F.max("run_date")).first()[0]
+recs = recs.filter(F.col("run_date") == latest)
+USER = None
+if USER is None:
+    USER = recs.filter("has_history").orderBy("user_id").first()["user_id"]
+generator = recs.filter(F.col("user_id") == USER).first()["generator"]
+print(f"user {USER} · run {latest} · generator {generator} · k = {cfg.profile.k}, gamma = {cfg.profile.gamma}")
+
+# COMMAND ----------
+
+# MAGIC %md History (oldest first; the newest k make the user vector, newest weight 1)
+
+# COMMAND ----------
+
+items = store.read("items").select("item_id", "title")
+store.read("splits").filter(F.col("user_id") == USER).join(items, "item_id", "left") \
+    .orderBy("ts", "seq").select("ts", "split", "item_id", "title").show(truncate=60)
+
+# COMMAND ----------
+
+# MAGIC %md Candidates from the generator (CF order)
+
+# COMMAND ----------
+
+store.read("candidates").filter((F.col("user_id") == USER) & (F.col("generator") == generator)) \
+    .orderBy("cf_rank").show(30)
+
+# COMMAND ----------
+
+# MAGIC %md Reranked recommendations with explanations
+
+# COMMAND ----------
+
+for r in recs.filter(F.col("user_id") == USER).orderBy("rank").collect():
+    move = r["cf_rank"] - r["rank"]
+    print(f"#{r['rank']:>2} {r['item_id']} (CF #{r['cf_rank']}, {'+' if move >= 0 else ''}{move}) "
+          f"score {r['score']:.3f} · {r['persona_name']}")
+    print(f"     {r['explanation']}")
