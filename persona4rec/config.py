@@ -289,7 +289,20 @@ class Config:
                "must name at least one generator")
         _check(1 <= self.scoring.top_k <= self.candidates.top_n, "scoring.top_k", self.scoring.top_k,
                f"must be within 1..candidates.top_n ({self.candidates.top_n})")
-        _check(0 <= self.scoring.alpha <= 1, "scoring.alpha", self.scoring.alpha, "must be within [0, 1]")
+        _check(self.scoring.alpha == "auto" or 0 <= self.scoring.alpha <= 1, "scoring.alpha", self.scoring.alpha,
+               "must be within [0, 1] or auto")
+        _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1 or null")
+        _check(t.history_grad_items is None or t.history_grad_items >= 1, "train.history_grad_items",
+               t.history_grad_items, "must be >= 1 or null")
+        ev = self.evaluation
+        _check(len(ev.ks) >= 1 and all(k >= 1 for k in ev.ks), "evaluation.ks", ev.ks, "must be positive cut-offs")
+        _check(len(ev.alpha_grid) >= 1 and all(0 <= a <= 1 for a in ev.alpha_grid), "evaluation.alpha_grid",
+               ev.alpha_grid, "must be values within [0, 1]")
+        _check(all(n >= 1 for n in ev.persona_caps), "evaluation.persona_caps", ev.persona_caps, "must be >= 1")
+        _check(0 < ev.user_group_fraction <= 0.5, "evaluation.user_group_fraction", ev.user_group_fraction,
+               "must be within (0, 0.5]")
+        _check(0 < ev.head_item_fraction < 1, "evaluation.head_item_fraction", ev.head_item_fraction,
+               "must be within (0, 1)")
         _check(self.scoring.generator in self.candidates.generators, "scoring.generator", self.scoring.generator,
                f"must be one of candidates.generators {list(self.candidates.generators)}")
         _check(self.profile.k >= 1, "profile.k", self.profile.k, "must be >= 1")

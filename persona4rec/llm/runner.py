@@ -10,6 +10,7 @@ retried by the next run.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -149,7 +150,11 @@ class LLMRunner:
             previous = self.spark.conf.get(coalesce_key, "true")
             self.spark.conf.set(coalesce_key, "false")
             try:
-                pending.repartition(parallel, "partition_key").mapInPandas(fn, "key string, status string").count()
+                # Range partitioning on (partition_key, key) keeps a partition key's requests
+                # together (an item's reviews) and gives every task the same number of calls, so
+                # no task finishes early and leaves its share of the concurrency idle.
+                pending.repartitionByRange(parallel, "partition_key", "key") \
+                    .mapInPandas(fn, "key string, status string").count()
             finally:
                 self.spark.conf.set(coalesce_key, previous)
                 progress.stop()
@@ -242,10 +247,24 @@ def _call_partition(settings: LLMSettings, endpoint: Endpoint, task: LLMTask, sh
                     "latency_ms": out.latency_ms, "run_id": run_id, "finished_at": time.time()})
                 return out.status
 
+            # Calls stream across Arrow batches: at most 2 × concurrency are queued, and the
+            # threads never wait for a batch to drain before the next batch's calls start.
+            window = 2 * settings.concurrency_per_task
+            in_flight: collections.deque = collections.deque()
+            finished: list[tuple[str, str]] = []
             for pdf in batches:
-                todo = [(k, m, c) for k, m, c in zip(pdf["key"], pdf["messages"], pdf["context"]) if k not in done]
-                statuses = list(pool.map(lambda r: one(*r), todo))
-                yield pd.DataFrame({"key": [r[0] for r in todo], "status": statuses})
+                for k, m, c in zip(pdf["key"], pdf["messages"], pdf["context"]):
+                    if k in done:
+                        continue
+                    while len(in_flight) >= window:
+                        key, fut = in_flight.popleft()
+                        finished.append((key, fut.result()))
+                    in_flight.append((k, pool.submit(one, k, m, c)))
+                if finished:
+                    yield pd.DataFrame(finished, columns=["key", "status"])
+                    finished = []
+            finished.extend((key, fut.result()) for key, fut in in_flight)
+            yield pd.DataFrame(finished, columns=["key", "status"])
 
     return call_partition
 
