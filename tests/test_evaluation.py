@@ -66,7 +66,8 @@ def test_choose_alpha_picks_the_best_validation_ndcg_and_prefers_the_purer_reran
 def test_protocol_removes_the_validation_item_at_test_time_and_counts_absent_targets_as_misses(spark):
     splits = spark.createDataFrame([
         ("U1", "A", "train"), ("U1", "V", "validation"), ("U1", "T", "test"),
-        ("U2", "B", "train"), ("U2", "W", "validation"), ("U2", "X", "test")], "user_id string, item_id string, split string")
+        ("U2", "B", "train"), ("U2", "W", "validation"), ("U2", "X", "test")],
+        "user_id string, item_id string, split string")
     cands = spark.createDataFrame([
         ("U1", "V", 9.0, 1), ("U1", "C", 8.0, 2), ("U1", "T", 7.0, 3), ("U1", "D", 6.0, 4),
         ("U2", "C", 9.0, 1), ("U2", "D", 8.0, 2)], "user_id string, item_id string, cf_score double, cf_rank int")
@@ -113,7 +114,8 @@ def test_evaluate_job_writes_every_variant_to_delta_and_mlflow_and_tags_the_alph
         (F.col("run_id") == summary["run_id"]) & (F.col("split") == "test") & (F.col("generator") == "bpr")
         & (F.col("variant") == "finetuned")).select("target_rank").collect()
     ref = metrics.summarise([r[0] for r in ranks], KS)
-    row = m.filter("split = 'test' AND generator = 'bpr' AND variant = 'finetuned' AND scenario = 'all' AND k = 10").first()
+    row = m.filter("split = 'test' AND generator = 'bpr' AND variant = 'finetuned' AND scenario = 'all' "
+                   "AND k = 10").first()
     assert row.ndcg == pytest.approx(ref["ndcg@10"], abs=1e-12) and row.hr == pytest.approx(ref["hr@10"], abs=1e-12)
     client = setup_mlflow(cfg)
     run = client.get_run(summary["run_id"])

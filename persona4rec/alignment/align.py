@@ -53,7 +53,8 @@ def judge_messages(domain: str, history: list[dict], item: dict, personas: list[
 
 def candidates(store: TableStore, cfg: Config) -> DataFrame:
     """Training interactions that have history and personas, with what the judge needs."""
-    prof = profiles(stored_interaction_texts(store, cfg), cfg.profile.k).filter((F.col(SPLIT) == TRAIN) & (F.size("history") > 0))
+    prof = profiles(stored_interaction_texts(store, cfg), cfg.profile.k).filter(
+        (F.col(SPLIT) == TRAIN) & (F.size("history") > 0))
     plist = (store.read(ITEM_PERSONAS.name).groupBy(ITEM_ID)
              .agg(F.sort_array(F.collect_list(F.struct("persona_index", "persona_id", "name", "description",
                                                        "preference_rationale"))).alias("personas")))

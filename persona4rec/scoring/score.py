@@ -2,9 +2,10 @@
 
 Per user: the user vector is the γ-decayed mean of the last k cached interaction embeddings
 (newest weight 1, L2-normalised; kept in `user_vectors` and refreshed first, see `users.py`);
-each candidate scores max over its personas of cos(user, persona) (Eq. 10); the final score blends it with the CF score on per-user z-scores (α = 1 is the
-pure rerank); the top K are written with the winning persona and an e-mail-safe explanation.
-Users without history keep the CF order with a generic explanation, flagged `has_history=false`.
+each candidate scores max over its personas of cos(user, persona) (Eq. 10); the final score
+blends it with the CF score on per-user z-scores (α = 1 is the pure rerank); the top K are
+written with the winning persona and an e-mail-safe explanation. Users without history keep the
+CF order with a generic explanation, flagged `has_history=false`.
 
 Scale: users are processed in Arrow batches inside `mapInArrow` — one row per user carrying its
 candidate list and vector — with the persona matrix and the sanitised explanations broadcast
@@ -84,7 +85,7 @@ def rank_candidates(users: np.ndarray, has: np.ndarray, counts: np.ndarray, rows
     Users with history: final = blend(max-sim, CF); a candidate the index lacks gets the user's
     lowest persona score (never a free win). Users without history keep the CF order. Ties go to
     the better CF rank. top_k None keeps every candidate (evaluation)."""
-    owner, pos, _ = segments(counts)
+    owner, pos, starts = segments(counts)
     n, width = len(counts), int(counts.max()) if len(counts) else 0
     persona = np.full(len(rows), np.nan)
     best = np.full(len(rows), -1, dtype=np.int64)
@@ -106,7 +107,6 @@ def rank_candidates(users: np.ndarray, has: np.ndarray, counts: np.ndarray, rows
     user_of = np.broadcast_to(np.arange(n)[:, None], order.shape)
     keep = valid[user_of, order]
     u, c = user_of[keep], order[keep]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
     flat = starts[u] + c
     rank = np.broadcast_to(np.arange(1, order.shape[1] + 1)[None, :], order.shape)[keep]
     slot = np.where(best[flat] >= 0, rows[flat] * pm.mask.shape[1] + best[flat], -1)
@@ -179,7 +179,8 @@ def scoring_index(index: DataFrame, max_chars: int) -> ScoringIndex:
                                            "embedding").toArrow(), max_chars)
 
 
-def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex, extra: tuple[str, ...] = ()) -> DataFrame:
+def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex,
+                    extra: tuple[str, ...] = ()) -> DataFrame:
     """user_id, cands: each user's candidates with the persona-matrix row of the item (-1: not
     indexed), plus any `extra` candidate columns."""
     items = spark.createDataFrame(pd.DataFrame({ITEM_ID: list(si.pm.item_index),
