@@ -99,7 +99,7 @@ def main() -> None:
 
         # numpy reference at 20 candidates: the same math on the same user vectors, in one process
         # (no Spark, no Arrow, no shuffle), batched like the Spark path.
-        pm = PersonaMatrix.build([f"I{i // P}" for i in range(I * P)], [f"I{i // P}#{i % P}" for i in range(I * P)], pvec)
+        pm = PersonaMatrix.build([f"I{i // P}" for i in range(I * P)], pvec)
         ref = vectors.limit(min(U, 20_000)).toArrow()
         uv = ref.column("vector").combine_chunks().flatten().to_numpy().reshape(ref.num_rows, D)
         ids = np.array([int(u[1:]) for u in ref.column("user_id").to_pylist()])

@@ -247,6 +247,15 @@ class Config:
             return path
         return str(Path(self.project_root) / path)
 
+    def work_dir(self, name: str) -> str:
+        """A working folder next to the tables (LLM journal, Spark checkpoints): a Unity Catalog
+        Volume `/Volumes/<catalog>/<schema>/<name>` when tables live in a schema, else
+        `<storage.root>/_<name>`."""
+        st = self.storage
+        if st.schema:
+            return f"/Volumes/{st.catalog or 'main'}/{st.schema}/{name}"
+        return self.resolve_path(st.root) + f"/_{name}"
+
     def tracking_uri(self) -> str:
         uri = self.mlflow.tracking_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

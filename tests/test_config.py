@@ -53,3 +53,11 @@ def test_relative_paths_resolve_against_project_root(tmp_path):
     assert cfg.resolve_path("data/sample/reviews.jsonl").endswith("/data/sample/reviews.jsonl")
     assert cfg.resolve_path("/abs/x") == "/abs/x"
     assert cfg.resolve_path("dbfs:/x") == "dbfs:/x"
+
+
+@pytest.mark.unit
+def test_work_dirs_sit_next_to_the_tables():
+    local = load_config("test", ["storage.root=/data/wh"])
+    assert local.work_dir("checkpoints") == "/data/wh/_checkpoints"
+    uc = load_config("test", ["storage.catalog=prod", "storage.schema=recs"])
+    assert uc.work_dir("llm_journal") == "/Volumes/prod/recs/llm_journal"

@@ -10,7 +10,7 @@ from conftest import make_config
 from persona4rec.schemas import CANDIDATES, INTERACTION_EMBEDDINGS, PERSONA_INDEX
 from persona4rec.scoring import score
 from persona4rec.scoring.explain import sanitize
-from persona4rec.scoring.rank import PersonaMatrix, blend, blend_rows, decayed_user_vectors, max_sim
+from persona4rec.scoring.rank import PersonaMatrix, blend_rows, decayed_user_vectors, max_sim
 from persona4rec.training.encoder import user_vector
 from persona4rec.tables import TableStore
 
@@ -33,21 +33,31 @@ def test_max_sim_equals_brute_force():
     vec = rng.normal(size=(11, 8)).astype(np.float32)
     vec /= np.linalg.norm(vec, axis=1, keepdims=True)
     items = ["a", "a", "b", "c", "c", "c", "d", "e", "e", "f", "f"]
-    pm = PersonaMatrix.build(items, [f"p{i}" for i in range(11)], vec)
+    pm = PersonaMatrix.build(items, vec)
     users = rng.normal(size=(5, 8)).astype(np.float32)
     cand = ["c", "a", "f", "b", "e"]
     s, b = max_sim(users, np.array([pm.item_index[c] for c in cand]), pm)
     for n, c in enumerate(cand):
         sims = [float(users[n] @ vec[j]) for j, it in enumerate(items) if it == c]
         assert s[n] == pytest.approx(max(sims), abs=1e-6)
-        assert pm.persona_ids[pm.item_index[c], b[n]] == [f"p{j}" for j, it in enumerate(items) if it == c][int(np.argmax(sims))]
+        best = pm.slots[pm.item_index[c], b[n]]  # the input position of the winning persona
+        assert best == [j for j, it in enumerate(items) if it == c][int(np.argmax(sims))]
+
+
+def blend(persona, cf, alpha):
+    """Plain per-user reference of rank.blend_rows: α·z(persona) + (1−α)·z(cf)."""
+    if alpha >= 1.0:
+        return persona.astype(np.float64)
+    z = lambda x: np.zeros_like(x) if x.std() < 1e-12 else (x - x.mean()) / x.std()
+    return alpha * z(persona.astype(np.float64)) + (1 - alpha) * z(cf.astype(np.float64))
 
 
 @pytest.mark.unit
 def test_blend_alpha_one_is_the_pure_persona_order():
     p, cf = np.array([0.1, 0.9, 0.5]), np.array([3.0, 1.0, 2.0])
-    assert list(np.argsort(-blend(p, cf, 1.0))) == [1, 2, 0]
-    assert list(np.argsort(-blend(p, cf, 0.0))) == [0, 2, 1]
+    valid = np.ones((1, 3), dtype=bool)
+    assert list(np.argsort(-blend_rows(p[None], cf[None], valid, 1.0)[0])) == [1, 2, 0]
+    assert list(np.argsort(-blend_rows(p[None], cf[None], valid, 0.0)[0])) == [0, 2, 1]
 
 
 @pytest.mark.unit
@@ -71,7 +81,7 @@ def test_batched_user_vectors_and_blend_equal_the_per_user_versions():
 @pytest.mark.unit
 def test_rank_candidates_keeps_cf_order_without_history_and_never_rewards_unindexed_items():
     vec = np.eye(3, dtype=np.float32)
-    pm = PersonaMatrix.build(["a", "b", "c"], ["pa", "pb", "pc"], vec)
+    pm = PersonaMatrix.build(["a", "b", "c"], vec)
     users = np.array([[0, 0, 1], [0, 0, 0]], dtype=np.float32)  # user 0 likes c; user 1 has no history
     rows = np.array([pm.item_index["a"], -1, pm.item_index["c"], pm.item_index["a"], pm.item_index["b"]])
     cf = np.array([3.0, 2.0, 1.0, 2.0, 1.0])

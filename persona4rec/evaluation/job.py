@@ -157,17 +157,21 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     generators = sorted(r[0] for r in candidates.select("generator").distinct().collect())
     max_chars, grid = cfg.scoring.explanation_max_chars, tuple(sorted(set(ev.alpha_grid) | {1.0}))
     parts, alphas = [], {}
+    ft = encoders["finetuned"]
+    indexes = {"finetuned": scoring_index(ft.personas, max_chars),
+               "vanilla": scoring_index(encoders["vanilla"].personas, max_chars),
+               "summary_only": scoring_index(ft.summaries, max_chars),
+               **{f"personas_{n}": scoring_index(ft.personas.filter(F.col("persona_index") < n), max_chars)
+                  for n in ev.persona_caps}}
+    # The rank parts stay lazy until their union is written; what they share is cached until then.
+    cached: list[DataFrame] = []
     for split in (VALIDATION, TEST):
         vec = {name: e.vectors(split, prof.k, prof.gamma).persist() for name, e in encoders.items()}
-        ft = encoders["finetuned"]
-        indexes = {"finetuned": scoring_index(ft.personas, max_chars),
-                   "vanilla": scoring_index(encoders["vanilla"].personas, max_chars),
-                   "summary_only": scoring_index(ft.summaries, max_chars),
-                   **{f"personas_{n}": scoring_index(ft.personas.filter(F.col("persona_index") < n), max_chars)
-                      for n in ev.persona_caps}}
+        cached.extend(vec.values())
         for gen in generators:
             targets, cands = eval_candidates(candidates.filter(F.col("generator") == gen), splits, split)
             cands = cands.persist()
+            cached.append(cands)
             tag = lambda df, variant: df.select(F.lit(split).alias(SPLIT), F.lit(gen).alias("generator"),
                                                 F.lit(variant).alias("variant"), "alpha", USER_ID, "target_rank")
             parts.append(tag(generator_ranks(targets, cands).withColumn("alpha", F.lit(None).cast("double")),
@@ -176,6 +180,7 @@ def run(spark: SparkSession, cfg: Config) -> dict:
                 encoder = "vanilla" if variant == "vanilla" else "finetuned"
                 if variant == "finetuned" and split == VALIDATION:
                     ranks = reranked_ranks(spark, targets, cands, vec[encoder], si, grid).persist()
+                    cached.append(ranks)
                     alphas[gen], by_alpha = choose_alpha(ranks, 10)
                     log.info("blend α for %s chosen on validation: %.2f (NDCG@10 by α: %s)", gen, alphas[gen],
                              {a: round(v, 4) for a, v in by_alpha.items()})
@@ -186,8 +191,6 @@ def run(spark: SparkSession, cfg: Config) -> dict:
                 if variant == "finetuned":
                     parts.append(tag(reranked_ranks(spark, targets, cands, vec[encoder], si, (alphas[gen],)),
                                      "finetuned_blend"))
-        for v in vec.values():
-            v.unpersist()
 
     ranks = parts[0]
     for p in parts[1:]:
@@ -197,6 +200,8 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         ranks = ranks.withColumn("run_id", F.lit(run_id)).persist()
         evaluated_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         store.upsert(ranks, EVALUATION_RANKS)
+        for df in cached:  # `ranks` is materialised now
+            df.unpersist()
         metrics = spark_metrics(with_scenarios(ranks, scenario_labels(splits, cfg)),
                                 ["run_id", SPLIT, "generator", "variant", "scenario"], ev.ks)
         alpha_of = spark.createDataFrame([(g, "finetuned_blend", float(a)) for g, a in alphas.items()],

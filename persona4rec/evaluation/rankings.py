@@ -45,7 +45,8 @@ def generator_ranks(targets: DataFrame, cands: DataFrame) -> DataFrame:
 
 def reranked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, vectors: DataFrame,
                    si: ScoringIndex, alphas: tuple[float, ...]) -> DataFrame:
-    """user_id, alpha, target_rank after the persona rerank (Eq. 10, blended with CF by alpha)."""
+    """user_id, alpha, target_rank after the persona rerank (Eq. 10, blended with CF by alpha),
+    for every alpha of the (non-empty) grid in one pass."""
     bc = spark.sparkContext.broadcast(si)
     users = user_candidates(spark, cands, si, ("is_target",)).join(vectors.select(USER_ID, "vector"), USER_ID, "left")
 
@@ -64,9 +65,9 @@ def reranked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, ve
                 alpha_out.append(np.full(int(hit.sum()), alpha))
             users_col = batch.column(USER_ID)
             yield pa.RecordBatch.from_arrays([
-                users_col.take(pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int64))).cast(pa.string()),
-                pa.array(np.concatenate(alpha_out) if alpha_out else np.zeros(0), pa.float64()),
-                pa.array(np.concatenate(rank_out).astype(np.int32) if rank_out else np.zeros(0, np.int32), pa.int32()),
+                users_col.take(pa.array(np.concatenate(ids))).cast(pa.string()),
+                pa.array(np.concatenate(alpha_out), pa.float64()),
+                pa.array(np.concatenate(rank_out).astype(np.int32), pa.int32()),
             ], schema=_OUT)
 
     ranked = users.mapInArrow(rank, "user_id string, alpha double, target_rank int")

@@ -116,13 +116,8 @@ class LLMRunner:
         self.run_id = run_id or uuid.uuid4().hex[:12]
 
     def journal_dir(self, task: str) -> str:
-        llm, st = self.cfg.llm, self.cfg.storage
-        if llm.journal_dir:
-            root = self.cfg.resolve_path(llm.journal_dir)
-        elif st.schema:
-            root = f"/Volumes/{st.catalog or 'main'}/{st.schema}/llm_journal"
-        else:
-            root = self.cfg.resolve_path(st.root) + "/_llm_journal"
+        llm = self.cfg.llm
+        root = self.cfg.resolve_path(llm.journal_dir) if llm.journal_dir else self.cfg.work_dir("llm_journal")
         return os.path.join(root, task)
 
     # -- driver side ------------------------------------------------------------------------

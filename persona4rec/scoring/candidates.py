@@ -31,18 +31,11 @@ def _indexed(train: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
     return train.join(users, USER_ID).join(items, ITEM_ID), users, items
 
 
-def checkpoint_dir(cfg: Config) -> str:
-    """Where ALS checkpoints its factors: without checkpoints the lineage of its iterations grows
-    until serialising a task overflows the JVM stack (seen here at 15 iterations)."""
-    st = cfg.storage
-    if st.schema:
-        return f"/Volumes/{st.catalog or 'main'}/{st.schema}/checkpoints"
-    return cfg.resolve_path(st.root) + "/_checkpoints"
-
-
 def als_candidates(spark: SparkSession, train: DataFrame, n: int, rank: int, reg: float, alpha: float,
                    iterations: int, seed: int, checkpoints: str | None = None) -> DataFrame:
     data, users, items = _indexed(train)
+    # Without checkpoints the lineage of ALS iterations grows until serialising a task overflows
+    # the JVM stack (seen here at 15 iterations).
     if checkpoints and spark.sparkContext.getCheckpointDir() is None:
         spark.sparkContext.setCheckpointDir(checkpoints)
     model = ALS(userCol="u", itemCol="i", ratingCol="r", implicitPrefs=True, rank=rank, regParam=reg,
@@ -121,7 +114,7 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     for gen in c.generators:
         if gen == "als":
             df = als_candidates(spark, train, c.top_n, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations, c.seed,
-                                checkpoint_dir(cfg))
+                                cfg.work_dir("checkpoints"))
         else:
             df = bpr_candidates(spark, train, c.top_n, c.bpr_dim, c.bpr_epochs, c.bpr_lr, c.bpr_reg, c.seed)
         w = store.upsert(df, CANDIDATES, delete_missing=True, delete_missing_condition=f"t.generator = '{gen}'")

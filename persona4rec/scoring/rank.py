@@ -19,12 +19,12 @@ class PersonaMatrix:
     item_index: dict[str, int]  # item_id → row
     vectors: np.ndarray  # (items, max_personas, d) float32, zero-padded
     mask: np.ndarray  # (items, max_personas) bool, True where a persona exists
-    persona_ids: np.ndarray  # (items, max_personas) object, None where padded
     slots: np.ndarray  # (items, max_personas) int64: input position of the persona, -1 where padded
 
     @staticmethod
-    def build(item_ids, persona_ids, vectors) -> "PersonaMatrix":
-        """From parallel sequences (one entry per persona; vectors L2-normalised)."""
+    def build(item_ids, vectors) -> "PersonaMatrix":
+        """From parallel sequences (one entry per persona; vectors L2-normalised); `slots` maps
+        each cell back to its position in those sequences."""
         order: dict[str, list[int]] = {}
         for n, item in enumerate(item_ids):
             order.setdefault(item, []).append(n)
@@ -33,15 +33,13 @@ class PersonaMatrix:
         d = len(vectors[0]) if len(vectors) else 0
         vec = np.zeros((len(items), width, d), dtype=np.float32)
         mask = np.zeros((len(items), width), dtype=bool)
-        pids = np.full((len(items), width), None, dtype=object)
         slots = np.full((len(items), width), -1, dtype=np.int64)
         for r, item in enumerate(items):
             for c, n in enumerate(order[item]):
                 vec[r, c] = vectors[n]
                 mask[r, c] = True
-                pids[r, c] = persona_ids[n]
                 slots[r, c] = n
-        return PersonaMatrix({item: r for r, item in enumerate(items)}, vec, mask, pids, slots)
+        return PersonaMatrix({item: r for r, item in enumerate(items)}, vec, mask, slots)
 
 
 def max_sim(users: np.ndarray, rows: np.ndarray, pm: PersonaMatrix, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -83,22 +81,9 @@ def decayed_user_vectors(flat: np.ndarray, counts: np.ndarray, gamma: float) -> 
     return out
 
 
-def standardise(x: np.ndarray) -> np.ndarray:
-    """Per-user z-scores; a constant vector becomes zeros (no signal, no NaN)."""
-    sd = x.std()
-    return np.zeros_like(x) if sd < 1e-12 else (x - x.mean()) / sd
-
-
-def blend(persona: np.ndarray, cf: np.ndarray, alpha: float) -> np.ndarray:
-    """final = α·z(persona) + (1−α)·z(cf); α = 1 is the paper's pure persona rerank."""
-    if alpha >= 1.0:
-        return persona.astype(np.float64)
-    return alpha * standardise(persona.astype(np.float64)) + (1 - alpha) * standardise(cf.astype(np.float64))
-
-
 def standardise_rows(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """`standardise` applied to every row of a padded (users × candidates) matrix over its valid
-    cells; invalid cells come back as 0."""
+    """Per-user z-scores over the valid cells of each row of a padded (users × candidates) matrix;
+    a constant row becomes zeros (no signal, no NaN); invalid cells come back as 0."""
     cnt = np.maximum(valid.sum(axis=1, keepdims=True), 1)
     xv = np.where(valid, x, 0.0)
     mean = xv.sum(axis=1, keepdims=True) / cnt
@@ -108,7 +93,7 @@ def standardise_rows(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def blend_rows(persona: np.ndarray, cf: np.ndarray, valid: np.ndarray, alpha: float) -> np.ndarray:
-    """`blend` for every row of padded (users × candidates) matrices."""
+    """final = α·z(persona) + (1−α)·z(cf) per row; α = 1 is the paper's pure persona rerank."""
     if alpha >= 1.0:
         return persona.astype(np.float64)
     return alpha * standardise_rows(persona.astype(np.float64), valid) + (1 - alpha) * standardise_rows(

@@ -57,7 +57,7 @@ class ScoringIndex:
         vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(emb), d)
         cols = {c: table.column(c).to_pylist() for c in (ITEM_ID, "persona_id", "name", "description",
                                                          "preference_rationale")}
-        pm = PersonaMatrix.build(cols[ITEM_ID], cols["persona_id"], vectors)
+        pm = PersonaMatrix.build(cols[ITEM_ID], vectors)
         slots = pm.slots.ravel()
         pick = lambda values: [values[n] if n >= 0 else None for n in slots]
         names = [sanitize(v, 60) for v in cols["name"]]

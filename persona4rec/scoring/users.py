@@ -84,7 +84,7 @@ def refresh(store: TableStore, model_version: str, splits: tuple[str, ...], k: i
         F.count("*").cast("int").alias("n_history"),
         F.bit_xor(F.xxhash64(ITEM_ID, TS, "seq", "text_hash")).alias("history_signature")).select(
         USER_ID, F.lit(model_version).alias("model_version"), F.lit(split_key).alias("history_splits"),
-        "n_history", "history_signature")
+        "n_history", "history_signature").persist()
     stale = signature
     if store.exists(USER_VECTORS.name):
         current = store.read(USER_VECTORS.name).select(USER_ID, "model_version", "history_splits", "n_history",
@@ -103,5 +103,6 @@ def refresh(store: TableStore, model_version: str, splits: tuple[str, ...], k: i
         removed = gone.count()
         if removed:
             store.delete_keys(USER_VECTORS, gone.select(USER_ID))
+    signature.unpersist()
     log.info("user_vectors (model %s, splits %s): %d recomputed, %d removed", model_version, split_key, n, removed)
     return {"recomputed": n, "removed": removed}
