@@ -1,7 +1,9 @@
-"""Training step time on the CPU: our InfoNCE over γ-decayed user vectors vs a plain
-sentence-transformers MultipleNegativesRankingLoss step on the same pairs, in the same run.
+"""Training step time (CPU by default, --device cuda on a GPU): our InfoNCE over γ-decayed user
+vectors vs a plain sentence-transformers MultipleNegativesRankingLoss step on the same pairs, in the
+same run.
 
-    .venv/bin/python benchmarks/train.py [--steps 20] [--batch 16] [--k 10]
+    .venv/bin/python benchmarks/train.py [--steps 20] [--batch 16] [--k 10] [--device cpu|cuda]
+                                         [--model packaged:all-MiniLM-L6-v2 | FOLDER]
 
 Both use the packaged all-MiniLM-L6-v2 with the same LoRA adapters (r 16), AdamW, batch 16,
 max_seq_length 128 and the same (user, persona) pairs. Ours embeds the k interaction texts of each
@@ -42,11 +44,18 @@ def examples(n: int, k: int, seed: int = 0) -> list[Example]:
             for i in range(n)]
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously: time finished work only
+
+
 def time_steps(step, batches) -> float:
     step(batches[0])  # warm-up (allocations, first kernels)
+    sync()
     started = time.perf_counter()
     for b in batches[1:]:
         step(b)
+    sync()
     return (time.perf_counter() - started) / (len(batches) - 1)
 
 
@@ -57,12 +66,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--gamma", type=float, default=0.9)
     ap.add_argument("--grad-items", type=int, default=2, help="history_grad_items for the cached variant")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--model", default=PACKAGED, help="encoder name or folder")
     args = ap.parse_args()
     torch.manual_seed(0)
     ex = examples(args.batch * (args.steps + 1), args.k)
     batches = [ex[i:i + args.batch] for i in range(0, len(ex), args.batch)]
 
-    ours = add_lora(load_encoder(PACKAGED, "cpu", 128), 16, 32, 0.05, seed=0)
+    ours = add_lora(load_encoder(args.model, args.device, 128), 16, 32, 0.05, seed=0)
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=2e-4)
     ours.train()
 
@@ -79,7 +90,7 @@ def main() -> None:
     # history texts, older ones from a cache refreshed once per epoch. The cache is built for the
     # timed examples here (no text is shared between examples in this synthetic set, so this is
     # the worst case: real LOO histories overlap) and its cost is spread over the timed steps.
-    cached = add_lora(load_encoder(PACKAGED, "cpu", 128), 16, 32, 0.05, seed=0)
+    cached = add_lora(load_encoder(args.model, args.device, 128), 16, 32, 0.05, seed=0)
     copt = torch.optim.AdamW([p for p in cached.parameters() if p.requires_grad], lr=2e-4)
     cached.train()
     started = time.perf_counter()
@@ -97,13 +108,14 @@ def main() -> None:
 
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    base = add_lora(load_encoder(PACKAGED, "cpu", 128), 16, 32, 0.05, seed=0)
+    base = add_lora(load_encoder(args.model, args.device, 128), 16, 32, 0.05, seed=0)
     mnrl = MultipleNegativesRankingLoss(base)
     bopt = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=2e-4)
     base.train()
 
     def baseline_step(b):
-        feats = [base.tokenize([" ; ".join(e.history) for e in b]), base.tokenize([e.persona_text for e in b])]
+        feats = [{k: (v.to(base.device) if hasattr(v, "to") else v) for k, v in base.tokenize(texts).items()}
+                 for texts in ([" ; ".join(e.history) for e in b], [e.persona_text for e in b])]
         loss = mnrl(feats, None)
         loss.backward()
         bopt.step()
@@ -111,10 +123,13 @@ def main() -> None:
 
     base_s = time_steps(baseline_step, batches)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    device = str(ours.device)
+    cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     print(json.dumps({"bench": "train", "ours_s_per_step": round(ours_s, 3), "baseline_s_per_step": round(base_s, 3),
                       "ratio": round(ours_s / base_s, 3), "peak_rss_mb": round(peak_mb, 1),
                       "ours_cached_s_per_step": round(cached_s, 3), "ratio_cached": round(cached_s / base_s, 3),
-                      "grad_items": args.grad_items,
+                      "grad_items": args.grad_items, "device": device,
+                      **({"peak_cuda_mb": round(cuda_mb, 1)} if cuda_mb is not None else {}),
                       "batch": args.batch, "k": args.k, "steps": args.steps, "threads": torch.get_num_threads()}))
 
 

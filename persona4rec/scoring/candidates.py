@@ -23,11 +23,15 @@ from persona4rec.tables import TableStore
 log = logging.getLogger(__name__)
 
 
+def _dense_ids(df: DataFrame, col: str, name: str) -> DataFrame:
+    """`col` → 0..n-1 in sorted order. zipWithIndex numbers the sorted partitions in place; a
+    global row_number window would pull every id into one partition."""
+    ordered = df.select(col).distinct().orderBy(col)
+    return ordered.rdd.zipWithIndex().map(lambda r: (r[0][0], r[1])).toDF(f"{col} string, {name} long")
+
+
 def _indexed(train: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
-    users = train.select(USER_ID).distinct().orderBy(USER_ID).withColumn(
-        "u", F.row_number().over(Window.orderBy(USER_ID)) - 1)
-    items = train.select(ITEM_ID).distinct().orderBy(ITEM_ID).withColumn(
-        "i", F.row_number().over(Window.orderBy(ITEM_ID)) - 1)
+    users, items = _dense_ids(train, USER_ID, "u"), _dense_ids(train, ITEM_ID, "i")
     return train.join(users, USER_ID).join(items, ITEM_ID), users, items
 
 

@@ -1,17 +1,14 @@
-"""Training examples from Delta tables, the validation split, and batches without false negatives."""
+"""Training examples, the validation split, and batches without false negatives.
+
+Plain Python (no Spark): the trainer built on it runs wherever torch runs, e.g. a single GPU node
+fed a list of examples. `persona4rec.training.source` builds the examples from the Delta tables.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
 from dataclasses import dataclass
-
-from pyspark.sql import functions as F
-
-from persona4rec.alignment.profiles import profiles, stored_interaction_texts
-from persona4rec.config import Config
-from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, USER_ID
-from persona4rec.tables import TableStore
 
 
 @dataclass(frozen=True)
@@ -22,22 +19,6 @@ class Example:
     persona_id: str  # the aligned persona
     persona_text: str
     item_personas: tuple[tuple[str, str], ...]  # every (persona_id, text) of the item, for accuracy
-
-
-def load_examples(store: TableStore, cfg: Config) -> list[Example]:
-    """alignment_pairs ⋈ profiles ⋈ personas, collected to the driver (training is single-node)."""
-    prof = profiles(stored_interaction_texts(store, cfg), cfg.profile.k)
-    personas = store.read(ITEM_PERSONAS.name)
-    per_item = personas.groupBy(ITEM_ID).agg(
-        F.sort_array(F.collect_list(F.struct("persona_index", "persona_id", "persona_text"))).alias("all_personas"))
-    rows = (store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, "persona_id")
-            .join(prof.select(USER_ID, ITEM_ID, "history"), [USER_ID, ITEM_ID])
-            .join(personas.select("persona_id", "persona_text"), "persona_id")
-            .join(per_item, ITEM_ID)
-            .orderBy(USER_ID, ITEM_ID).collect())
-    return [Example(r[USER_ID], r[ITEM_ID], tuple(h["text"] for h in r["history"]), r["persona_id"],
-                    r["persona_text"], tuple((p["persona_id"], p["persona_text"]) for p in r["all_personas"]))
-            for r in rows if r["history"]]
 
 
 def is_validation_user(user_id: str, fraction: float, seed: int) -> bool:
