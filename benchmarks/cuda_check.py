@@ -77,7 +77,7 @@ def main() -> None:
     torch.cuda.synchronize()
     encode_s = time.perf_counter() - started
 
-    base = TrainSettings(max_steps=args.steps, epochs=1, batch_size=16, seed=13)
+    base = TrainSettings(max_steps=args.steps, epochs=1, batch_size=16, seed=13, history_grad_items=None)
     train_set, val_set = ex[:1000], ex[1000:]
     exact = run_training(args.model, base, train_set, val_set, args.gamma)
     cached = run_training(args.model, dataclasses.replace(base, history_grad_items=1), train_set, val_set,

@@ -3,16 +3,17 @@ vectors vs a plain sentence-transformers MultipleNegativesRankingLoss step on th
 same run.
 
     .venv/bin/python benchmarks/train.py [--steps 20] [--batch 16] [--k 10] [--device cpu|cuda]
-                                         [--model packaged:all-MiniLM-L6-v2 | FOLDER]
+                                         [--model packaged:all-MiniLM-L6-v2 | FOLDER] [--grad-items M]
 
-Both use the packaged all-MiniLM-L6-v2 with the same LoRA adapters (r 16), AdamW, batch 16,
+All use the packaged all-MiniLM-L6-v2 with the same LoRA adapters (r 16), AdamW, batch 16,
 max_seq_length 128 and the same (user, persona) pairs. Ours embeds the k interaction texts of each
 user (the method); the baseline embeds one anchor text per pair — the user's history joined into
-one string, cut at max_seq_length — so it sees less of the history. A third timing runs our loss
-with `train.history_grad_items` (gradient through the newest m history texts, the rest from a
-per-epoch cache; its build cost is included). Ends with one JSON line:
-{"bench": "train", "ours_s_per_step", "baseline_s_per_step", "ratio", "peak_rss_mb",
- "ours_cached_s_per_step", "ratio_cached", ...}.
+one string, cut at max_seq_length — so it sees less of the history. "ours" is the shipped
+configuration: `train.history_grad_items` from conf/base.yaml (or --grad-items), i.e. gradient
+through m history texts per user drawn by decay weight, the others from a per-epoch cache whose
+build cost is included. The exact step (gradient through all k texts) is timed beside it. Ends
+with one JSON line: {"bench": "train", "ours_s_per_step", "baseline_s_per_step", "ratio",
+"peak_rss_mb", "history_grad_items", "exact_s_per_step", "ratio_exact", ...}.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import random
 import resource
 import time
 
+import numpy as np
 import torch
 
+from persona4rec.config import load_config
 from persona4rec.training.data import Example
 from persona4rec.training.encoder import PACKAGED, add_lora, load_encoder
 from persona4rec.training.trainer import batch_user_vectors, encode_with_grad, history_cache, info_nce
@@ -37,11 +40,18 @@ def text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def examples(n: int, k: int, seed: int = 0) -> list[Example]:
+def examples(n: int, k: int, seed: int = 0, per_user: int = 5) -> list[Example]:
+    """n pairs shaped like the training job's: a user's examples are consecutive interactions, each
+    with the k interaction texts before it as history (so a user's histories overlap, as
+    leave-one-out profiles do; every history is full). Ordered user-interleaved, so that a slice
+    of up to n / per_user examples never holds a user twice (in-batch negatives)."""
     rng = random.Random(seed)
-    return [Example(f"U{i}", f"I{i}", tuple(f"Item summary: {text(rng, 25)} | prefers: {text(rng, 6)}"
-                                            for _ in range(k)), f"P{i}", f"Persona. {text(rng, 30)}", ())
-            for i in range(n)]
+    users = -(-n // per_user)
+    texts = [[f"Item summary: {text(rng, 25)} | prefers: {text(rng, 6)}" for _ in range(k + per_user - 1)]
+             for _ in range(users)]
+    out = [Example(f"U{u}", f"I{u}-{j}", tuple(texts[u][j:j + k]), f"P{u}-{j}", f"Persona. {text(rng, 30)}", ())
+           for j in range(per_user) for u in range(users)]
+    return out[:n]
 
 
 def sync() -> None:
@@ -65,56 +75,49 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--gamma", type=float, default=0.9)
-    ap.add_argument("--grad-items", type=int, default=2, help="history_grad_items for the cached variant")
+    ap.add_argument("--grad-items", type=int, help="history_grad_items of 'ours' (default: conf/base.yaml)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--model", default=PACKAGED, help="encoder name or folder")
     args = ap.parse_args()
+    grad_items = args.grad_items if args.grad_items is not None else load_config(None, []).train.history_grad_items
     torch.manual_seed(0)
     ex = examples(args.batch * (args.steps + 1), args.k)
     batches = [ex[i:i + args.batch] for i in range(0, len(ex), args.batch)]
 
-    ours = add_lora(load_encoder(args.model, args.device, 128), 16, 32, 0.05, seed=0)
-    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=2e-4)
-    ours.train()
+    def lora_model():
+        model = add_lora(load_encoder(args.model, args.device, 128), 16, 32, 0.05, seed=0)
+        model.train()
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
-    def our_step(b):
-        users = batch_user_vectors(ours, [e.history for e in b], args.gamma)
-        loss = info_nce(users, encode_with_grad(ours, [e.persona_text for e in b]), 0.05)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    def our_s_per_step(m: int | None) -> float:
+        model, opt = lora_model()
+        # The cache is built for the timed examples and its cost spread over the timed steps, as
+        # one build per epoch is in training (k + 4 texts per user for 5 examples here; in real
+        # leave-one-out data, about one text per example).
+        started = time.perf_counter()
+        cache = history_cache(model, ex, m) if m else None
+        cache_s = (time.perf_counter() - started) / len(batches)
+        draws = np.random.default_rng(0)
 
-    ours_s = time_steps(our_step, batches)
+        def step(b):
+            users = batch_user_vectors(model, [e.history for e in b], args.gamma, cache, m, draws)
+            loss = info_nce(users, encode_with_grad(model, [e.persona_text for e in b]), 0.05)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
 
-    # The same loss with train.history_grad_items = m: gradient through each user's newest m
-    # history texts, older ones from a cache refreshed once per epoch. The cache is built for the
-    # timed examples here (no text is shared between examples in this synthetic set, so this is
-    # the worst case: real LOO histories overlap) and its cost is spread over the timed steps.
-    cached = add_lora(load_encoder(args.model, args.device, 128), 16, 32, 0.05, seed=0)
-    copt = torch.optim.AdamW([p for p in cached.parameters() if p.requires_grad], lr=2e-4)
-    cached.train()
-    started = time.perf_counter()
-    cache = history_cache(cached, ex, args.grad_items)
-    cache_s = (time.perf_counter() - started) / len(batches)
+        return time_steps(step, batches) + cache_s
 
-    def cached_step(b):
-        users = batch_user_vectors(cached, [e.history for e in b], args.gamma, cache, args.grad_items)
-        loss = info_nce(users, encode_with_grad(cached, [e.persona_text for e in b]), 0.05)
-        loss.backward()
-        copt.step()
-        copt.zero_grad()
-
-    cached_s = time_steps(cached_step, batches) + cache_s
+    ours_s = our_s_per_step(grad_items)
+    exact_s = our_s_per_step(None) if grad_items else ours_s
 
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    base = add_lora(load_encoder(args.model, args.device, 128), 16, 32, 0.05, seed=0)
+    base, bopt = lora_model()
     mnrl = MultipleNegativesRankingLoss(base)
-    bopt = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=2e-4)
-    base.train()
 
     def baseline_step(b):
-        feats = [{k: (v.to(base.device) if hasattr(v, "to") else v) for k, v in base.tokenize(texts).items()}
+        feats = [{k: (v.to(base.device) if hasattr(v, "to") else v) for k, v in base.preprocess(texts).items()}
                  for texts in ([" ; ".join(e.history) for e in b], [e.persona_text for e in b])]
         loss = mnrl(feats, None)
         loss.backward()
@@ -123,12 +126,12 @@ def main() -> None:
 
     base_s = time_steps(baseline_step, batches)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    device = str(ours.device)
+    device = str(base.device)
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     print(json.dumps({"bench": "train", "ours_s_per_step": round(ours_s, 3), "baseline_s_per_step": round(base_s, 3),
                       "ratio": round(ours_s / base_s, 3), "peak_rss_mb": round(peak_mb, 1),
-                      "ours_cached_s_per_step": round(cached_s, 3), "ratio_cached": round(cached_s / base_s, 3),
-                      "grad_items": args.grad_items, "device": device,
+                      "history_grad_items": grad_items, "exact_s_per_step": round(exact_s, 3),
+                      "ratio_exact": round(exact_s / base_s, 3), "device": device,
                       **({"peak_cuda_mb": round(cuda_mb, 1)} if cuda_mb is not None else {}),
                       "batch": args.batch, "k": args.k, "steps": args.steps, "threads": torch.get_num_threads()}))
 

@@ -180,5 +180,37 @@ def test_cached_history_user_vectors_equal_the_exact_ones_at_the_same_weights():
         exact = batch_user_vectors(model, hist, 0.8)
         cache = history_cache(model, ex, 1)
         cached = batch_user_vectors(model, hist, 0.8, cache, 1)
-    assert set(cache) == {"a red guitar", "a blue drum", "new strings", "cables"}  # newest texts are not cached
+    # Any text of a history longer than m may be left undrawn; a 1-text history is always fresh.
+    assert set(cache) == {"a red guitar", "a blue drum", "new strings", "a quiet amp", "cables", "a case"}
     assert torch.allclose(exact, cached, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_drawn_history_gradient_equals_the_exact_one_in_expectation():
+    from persona4rec.training.encoder import decay_weights
+    from persona4rec.training.trainer import combine_history, draw_grad_items
+
+    rng = np.random.default_rng(3)
+    a = torch.as_tensor(rng.normal(size=(5, 4)), dtype=torch.float64)
+    w = torch.as_tensor(decay_weights(5, 0.8), dtype=torch.float64)
+    target = torch.as_tensor(rng.normal(size=4), dtype=torch.float64)
+
+    def grad(drawn):
+        theta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        e = torch.tanh(theta * a)  # the "encoder": rows depend on the trained parameter
+        cached = [row.detach() for row in e]
+        u = combine_history(cached, e[drawn], np.asarray(drawn), w)
+        (u @ target).backward()
+        return theta.grad.item(), u.detach()
+
+    exact, u_exact = grad(list(range(5)))
+    p = (w / w.sum()).numpy()
+    expected = 0.0
+    for j in range(5):  # one drawn text: the expectation over the draw, enumerated
+        g, u = grad([j])
+        assert torch.allclose(u, u_exact)  # the value never changes, only where the gradient flows
+        expected += p[j] * g
+    assert expected == pytest.approx(exact, rel=1e-9)
+    assert list(draw_grad_items(w.numpy(), 9, rng)) == [0, 1, 2, 3, 4]  # short histories: all fresh
+    counts = np.bincount([draw_grad_items(w.numpy(), 1, rng)[0] for _ in range(4000)], minlength=5)
+    assert np.allclose(counts / 4000, p, atol=0.03)  # drawn in proportion to the decay weight

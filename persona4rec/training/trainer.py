@@ -34,38 +34,69 @@ def info_nce(users: torch.Tensor, personas: torch.Tensor, temperature: float) ->
 
 
 def encode_with_grad(model: SentenceTransformer, texts: list[str]) -> torch.Tensor:
-    features = model.tokenize(texts)
+    features = model.preprocess(texts)
     features = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in features.items()}
     return F.normalize(model(features)["sentence_embedding"], dim=-1)
 
 
 def batch_user_vectors(model: SentenceTransformer, histories: list[tuple[str, ...]], gamma: float,
-                       cache: dict[str, torch.Tensor] | None = None, grad_items: int | None = None) -> torch.Tensor:
+                       cache: dict[str, torch.Tensor] | None = None, grad_items: int | None = None,
+                       rng: np.random.Generator | None = None) -> torch.Tensor:
     """One forward pass over the history texts of the batch, then per-user decayed means.
 
     Exact by default: every history text passes through the model with gradient. With
     `grad_items` = m and a `cache` of embeddings from the start of the epoch (see
-    `history_cache`), only each user's newest m texts do; older ones come from the cache without
-    gradient. The γ-decay gives those the least weight, and a step then costs m instead of k
-    forward and backward passes per user (`train.history_grad_items`)."""
-    cut = [0 if grad_items is None or cache is None else max(len(h) - grad_items, 0) for h in histories]
-    flat = [t for h, c in zip(histories, cut) for t in h[c:]]
-    emb = encode_with_grad(model, flat)
+    `history_cache`), only m texts per user do, drawn with probability proportional to their
+    decay weight; the others come from the cache without gradient (`train.history_grad_items`).
+    The drawn texts' gradient is scaled by Σw / Σw_drawn (`combine_history`), so that over the
+    draw it equals the exact gradient wherever the cache is current; a step costs m instead of k
+    forward and backward passes per user."""
+    rng = rng or np.random.default_rng(0)
+    weights = [decay_weights(len(h), gamma) for h in histories]
+    sampled = grad_items is not None and cache is not None
+    drawn = [draw_grad_items(w, grad_items, rng) if sampled else np.arange(len(w)) for w in weights]
+    emb = encode_with_grad(model, [h[j] for h, d in zip(histories, drawn) for j in d])
     out, start = [], 0
-    for h, c in zip(histories, cut):
-        fresh = emb[start:start + len(h) - c]
-        rows = torch.cat([torch.stack([cache[t] for t in h[:c]]).to(emb.device), fresh]) if c else fresh
-        w = torch.as_tensor(decay_weights(len(h), gamma), dtype=emb.dtype, device=emb.device)
-        out.append((w[:, None] * rows).sum(0) / w.sum())
-        start += len(h) - c
+    for h, w, d in zip(histories, weights, drawn):
+        fresh = emb[start:start + len(d)]
+        start += len(d)
+        fresh_at = set(d.tolist())
+        rows = [None if j in fresh_at else cache[t].to(emb.device) for j, t in enumerate(h)]
+        out.append(combine_history(rows, fresh, d, torch.as_tensor(w, dtype=emb.dtype, device=emb.device)))
     return F.normalize(torch.stack(out), dim=-1)
+
+
+def draw_grad_items(weights: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """m history positions (all when there are at most m), drawn without replacement with
+    probability proportional to their weight; sorted."""
+    if len(weights) <= m:
+        return np.arange(len(weights))
+    return np.sort(rng.choice(len(weights), size=m, replace=False, p=weights / weights.sum()))
+
+
+def combine_history(cached: list[torch.Tensor | None], fresh: torch.Tensor, drawn: np.ndarray,
+                    w: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j e_j / Σw with e_j fresh (with gradient) at the drawn positions and cached elsewhere.
+
+    The value is the plain decayed mean. The drawn rows carry their gradient scaled by
+    s = Σw / Σw_drawn (value x, gradient s·dx, as x·s − x.detach()·(s − 1)). With one draw, text j
+    comes with probability w_j / Σw and then adds w_j·s·de_j / Σw = de_j to du; over the draw that is
+    Σ_j (w_j / Σw)·de_j, the exact gradient (for m > 1 drawn without replacement, approximately).
+    Unscaled, one text would carry only w_j / Σw of it. Exact when every position is drawn (s = 1)."""
+    total = w.sum()
+    scale = total / w[torch.as_tensor(drawn, device=w.device)].sum()
+    boosted = fresh * scale - fresh.detach() * (scale - 1)
+    rows = list(cached)
+    for i, j in enumerate(drawn):
+        rows[int(j)] = boosted[i]
+    return (w[:, None] * torch.stack(rows)).sum(0) / total
 
 
 def history_cache(model: SentenceTransformer, examples: list[Example], grad_items: int,
                   batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Embeddings (no gradient, current weights) of every history text that some example uses
-    outside its newest `grad_items` — refreshed once per epoch."""
-    texts = sorted({t for e in examples for t in e.history[:max(len(e.history) - grad_items, 0)]})
+    """Embeddings (no gradient, current weights) of every history text of an example with more
+    than `grad_items` of them (any of its texts may be left undrawn) — refreshed once per epoch."""
+    texts = sorted({t for e in examples if len(e.history) > grad_items for t in e.history})
     was_training = model.training
     model.eval()
     vecs = embed(model, texts, batch_size)
@@ -95,6 +126,7 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate)
     rng = random.Random(s.seed)
+    draws = np.random.default_rng(s.seed)  # which history texts get gradient (history_grad_items)
     result = TrainResult()
     started = time.time()
     optimizer_steps = 0
@@ -108,7 +140,7 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
         optimizer.zero_grad()
         for i, idx in enumerate(bar, start=1):
             ex = [train_set[j] for j in idx]
-            users = batch_user_vectors(model, [e.history for e in ex], gamma, cache, s.history_grad_items)
+            users = batch_user_vectors(model, [e.history for e in ex], gamma, cache, s.history_grad_items, draws)
             personas = encode_with_grad(model, [e.persona_text for e in ex])
             loss = info_nce(users, personas, s.temperature) / s.grad_accumulation
             loss.backward()
