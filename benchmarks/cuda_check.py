@@ -3,10 +3,11 @@
     python benchmarks/cuda_check.py --model FOLDER [--steps 40] [--texts 2000]
 
 Needs torch, sentence-transformers and peft only (no Spark, no MLflow: the trainer and the encoder
-do not import them), so it runs on a bare GPU machine. It embeds the same texts on the CPU and on CUDA (max abs difference of the
-L2-normalised vectors, and CUDA encode throughput), then runs `trainer.train` — the function the
-`train_encoder` job calls — for `--steps` optimizer steps on CUDA, exact and with
-`history_grad_items = 1`, and reports validation top-1 persona accuracy before and after. The
+do not import them), so it runs on a bare GPU machine. It embeds the same texts on the CPU and on
+CUDA (max abs difference of the L2-normalised vectors, and CUDA encode throughput), then runs
+`trainer.train` — the function the `train_encoder` job calls — for `--steps` optimizer steps on
+CUDA, exact and with `history_grad_items = 1`, and reports validation top-1 persona accuracy
+before and after. The
 examples are the synthetic ones of benchmarks/train.py (random words), each scored against its own
 persona and two others: top-1 there is a smoke value around chance (1/3), not a quality figure;
 the loss falling on the training batches is the sign that training works. Ends with one JSON line.
