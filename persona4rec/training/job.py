@@ -25,9 +25,9 @@ from persona4rec.config import Config, to_dict
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS
 from persona4rec.tables import TableStore
 from persona4rec.training.data import split_examples
-from persona4rec.training.source import load_examples
 from persona4rec.training.encoder import add_lora, load_encoder, merge_lora
 from persona4rec.training.registry import CHALLENGER, register, setup_mlflow
+from persona4rec.training.source import load_examples
 from persona4rec.training.trainer import evaluate, train
 
 log = logging.getLogger(__name__)

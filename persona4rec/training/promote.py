@@ -19,8 +19,8 @@ from pyspark.sql import SparkSession
 from persona4rec.config import Config
 from persona4rec.tables import TableStore
 from persona4rec.training.data import split_examples
-from persona4rec.training.source import load_examples
 from persona4rec.training.registry import CHALLENGER, CHAMPION, alias_version, load_alias, setup_mlflow
+from persona4rec.training.source import load_examples
 from persona4rec.training.trainer import evaluate
 
 log = logging.getLogger(__name__)

@@ -82,8 +82,10 @@ def combine_history(cached: list[torch.Tensor | None], fresh: torch.Tensor, draw
     s = Σw / Σw_drawn (value x, gradient s·dx, as x·s − x.detach()·(s − 1)). With one draw, text j
     comes with probability w_j / Σw and then adds w_j·s·de_j / Σw = de_j to du; over the draw that is
     Σ_j (w_j / Σw)·de_j, the exact gradient (for m > 1 drawn without replacement, approximately).
-    Unscaled, one text would carry only w_j / Σw of it. Exact when every position is drawn (s = 1)."""
+    Unscaled, one text would carry only w_j / Σw of it."""
     total = w.sum()
+    if len(drawn) == len(w):  # every text fresh: the plain exact mean
+        return (w[:, None] * fresh).sum(0) / total
     scale = total / w[torch.as_tensor(drawn, device=w.device)].sum()
     boosted = fresh * scale - fresh.detach() * (scale - 1)
     rows = list(cached)
