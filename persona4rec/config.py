@@ -171,6 +171,9 @@ class TrainSettings:
     # drawn by decay weight (an estimate of the exact gradient), the others from embeddings
     # refreshed each epoch: ~3.8x cheaper CPU steps (see trainer.batch_user_vectors).
     history_grad_items: int | None = None
+    # true = the item's other personas join each row's InfoNCE denominator (hard negatives, from
+    # embeddings refreshed each epoch; see trainer.py).
+    item_persona_negatives: bool = False
     seed: int = 13
 
 

@@ -70,6 +70,28 @@ def test_info_nce_prefers_the_diagonal():
 
 
 @pytest.mark.unit
+def test_item_persona_negatives_enter_each_rows_denominator_and_padding_does_not():
+    from persona4rec.training.trainer import item_negatives
+
+    ex = [Example("U0", "I0", ("h",), "I0#0", "p00", (("I0#0", "p00"), ("I0#1", "p01"), ("I0#2", "p02"))),
+          Example("U1", "I1", ("h",), "I1#1", "p11", (("I1#0", "p10"), ("I1#1", "p11")))]
+    cache = {t: torch.nn.functional.normalize(torch.tensor(v), dim=0)
+             for t, v in {"p01": [0.0, 1, 0], "p02": [0.0, 0, 1], "p10": [1.0, 1, 0]}.items()}
+    negatives, present = item_negatives(ex, cache, torch.device("cpu"))
+    assert negatives.shape == (2, 2, 3) and present.tolist() == [[True, True], [True, False]]
+    assert torch.equal(negatives[1, 0], cache["p10"]) and torch.equal(negatives[1, 1], torch.zeros(3))
+    users = personas = torch.eye(3)[:2]
+    plain = info_nce(users, personas, 0.5)
+    with_negatives = info_nce(users, personas, 0.5, negatives, present)
+    # By hand: row 0 adds exp(0) twice (orthogonal negatives), row 1 adds exp(cos 45° / τ) once.
+    e = np.exp(2.0)
+    by_hand = (np.log(e + 1 + 2) - 2 + np.log(e + 1 + np.exp(np.sqrt(0.5) / 0.5)) - 2) / 2
+    assert float(with_negatives) == pytest.approx(by_hand, rel=1e-5) and with_negatives > plain
+    single = Example("U2", "I2", ("h",), "p", "t", (("p", "t"),))
+    assert item_negatives([single], cache, torch.device("cpu")) is None
+
+
+@pytest.mark.unit
 def test_batches_never_repeat_a_user_or_an_item():
     ex = [Example(f"U{u % 5}", f"I{u % 7}", ("h",), "p", "t", ()) for u in range(60)]
     batches = unique_batches(ex, 4, random.Random(1))
@@ -183,6 +205,49 @@ def test_cached_history_user_vectors_equal_the_exact_ones_at_the_same_weights():
     # Any text of a history longer than m may be left undrawn; a 1-text history is always fresh.
     assert set(cache) == {"a red guitar", "a blue drum", "new strings", "a quiet amp", "cables", "a case"}
     assert torch.allclose(exact, cached, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_shared_history_texts_pass_once_with_the_same_value_and_gradient():
+    from persona4rec.training.trainer import encode_unique, encode_with_grad
+
+    model = add_lora(load_encoder("packaged:all-MiniLM-L6-v2", "cpu", 32), 4, 8, 0.0, seed=0)
+    model.eval()  # no dropout: both paths see the same function
+    texts = ["an item summary", "another item", "an item summary", "a third", "another item"]
+    lora = [p for p in model.parameters() if p.requires_grad]
+    target = torch.linspace(-1, 1, 384)
+
+    def value_and_grad(encode):
+        model.zero_grad()
+        emb = encode(model, texts)
+        (emb @ target).pow(2).sum().backward()
+        return emb.detach(), torch.cat([p.grad.flatten() for p in lora])
+
+    once, grad_once = value_and_grad(encode_unique)
+    each, grad_each = value_and_grad(encode_with_grad)
+    assert torch.allclose(once, each, atol=1e-5) and torch.allclose(grad_once, grad_each, rtol=1e-4, atol=1e-6)
+    assert torch.equal(once[0], once[2]) and grad_once.abs().sum() > 0
+
+
+@pytest.mark.unit
+def test_drawn_texts_write_their_fresh_embedding_back_to_the_cache():
+    from persona4rec.training.trainer import batch_user_vectors, encode_with_grad, history_cache
+
+    model = load_encoder("packaged:all-MiniLM-L6-v2", "cpu", 32)
+    hist = [("a red guitar", "a blue drum", "new strings"), ("one pedal", "a case")]
+    ex = [Example(f"U{i}", f"I{i}", h, "p", "persona", ()) for i, h in enumerate(hist)]
+    cache = history_cache(model, ex, 1)
+    stale = {t: torch.zeros(384) for t in cache}  # as if embedded by very different weights
+    cache.update(stale)
+    model.eval()
+    with torch.no_grad():
+        batch_user_vectors(model, hist, 0.8, cache, 1, np.random.default_rng(0))
+        fresh = {t: v for t, v in zip(cache, encode_with_grad(model, list(cache)))}
+    written = {t for t in cache if cache[t].abs().sum() > 0}
+    # one drawn text per user
+    assert len(written) == 2 and len(written & set(hist[0])) == 1 and len(written & set(hist[1])) == 1
+    for t in written:
+        assert torch.allclose(cache[t], fresh[t], atol=1e-5)
 
 
 @pytest.mark.unit

@@ -6,7 +6,11 @@ k history interaction texts (newest weight 1) — and p_b the embedding of the a
 With S = U Pᵀ / τ (B×B, cosine similarities over temperature τ), the loss is the cross-entropy of
 each row against its diagonal: the user's own persona must score above the other B−1 personas of
 the batch. Batches never hold the same user or item twice (those would be false negatives).
-Only the LoRA adapters train; the base weights stay frozen.
+With `train.item_persona_negatives`, each row's denominator also holds the other personas of its
+own item (hard negatives, embedded once per epoch without gradient): in-batch negatives come
+from other items, so on their own they teach which item a user fits, not which of the item's
+personas — the choice the index makes at scoring time. Only the LoRA adapters train; the base
+weights stay frozen.
 """
 
 from __future__ import annotations
@@ -27,16 +31,53 @@ from persona4rec.training.data import Example, unique_batches
 from persona4rec.training.encoder import decay_weights, embed, user_vector
 
 
-def info_nce(users: torch.Tensor, personas: torch.Tensor, temperature: float) -> torch.Tensor:
-    """users, personas: (B, d) L2-normalised; returns the mean cross-entropy over the batch."""
+def info_nce(users: torch.Tensor, personas: torch.Tensor, temperature: float,
+             negatives: torch.Tensor | None = None, present: torch.Tensor | None = None) -> torch.Tensor:
+    """users, personas: (B, d) L2-normalised; returns the mean cross-entropy over the batch.
+
+    negatives (B, H, d) with `present` (B, H) bool: extra negatives per row (its item's other
+    personas), appended to that row's logits; absent slots (padding) are masked out."""
     logits = users @ personas.T / temperature
+    if negatives is not None:
+        extra = torch.einsum("bd,bhd->bh", users, negatives) / temperature
+        logits = torch.cat([logits, extra.masked_fill(~present, float("-inf"))], dim=1)
     return F.cross_entropy(logits, torch.arange(len(users), device=users.device))
+
+
+def item_negatives(examples: list[Example], cache: dict[str, torch.Tensor],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, H, d) embeddings of each example's other item personas, zero-padded, and the (B, H)
+    mask of real ones; None when no example's item has a second persona."""
+    others = [[t for pid, t in e.item_personas if pid != e.persona_id] for e in examples]
+    width = max((len(o) for o in others), default=0)
+    if width == 0:
+        return None
+    dim = len(next(iter(cache.values())))
+    out = torch.zeros(len(examples), width, dim)
+    present = torch.zeros(len(examples), width, dtype=torch.bool)
+    for b, texts in enumerate(others):
+        for h, t in enumerate(texts):
+            out[b, h] = cache[t]
+            present[b, h] = True
+    return out.to(device), present.to(device)
 
 
 def encode_with_grad(model: SentenceTransformer, texts: list[str]) -> torch.Tensor:
     features = model.preprocess(texts)
     features = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in features.items()}
     return F.normalize(model(features)["sentence_embedding"], dim=-1)
+
+
+def encode_unique(model: SentenceTransformer, texts: list[str]) -> torch.Tensor:
+    """encode_with_grad, passing each distinct text through the model once: users of a batch
+    share history texts where an interaction text carries no user-specific aspects (an item
+    summary alone), and autograd sums the gradient of every use."""
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) == len(texts):
+        return encode_with_grad(model, texts)
+    at = {t: i for i, t in enumerate(distinct)}
+    emb = encode_with_grad(model, distinct)
+    return emb[torch.as_tensor([at[t] for t in texts], device=emb.device)]
 
 
 def batch_user_vectors(model: SentenceTransformer, histories: list[tuple[str, ...]], gamma: float,
@@ -50,12 +91,17 @@ def batch_user_vectors(model: SentenceTransformer, histories: list[tuple[str, ..
     decay weight; the others come from the cache without gradient (`train.history_grad_items`).
     The drawn texts' gradient is scaled by Σw / Σw_drawn (`combine_history`), so that over the
     draw it equals the exact gradient wherever the cache is current; a step costs m instead of k
-    forward and backward passes per user."""
+    forward and backward passes per user. Drawn texts write their new embedding back to the
+    cache, so that texts used often (a user's recent interactions recur in each of their later
+    profiles) stay close to current between the per-epoch rebuilds."""
     rng = rng or np.random.default_rng(0)
     weights = [decay_weights(len(h), gamma) for h in histories]
     sampled = grad_items is not None and cache is not None
     drawn = [draw_grad_items(w, grad_items, rng) if sampled else np.arange(len(w)) for w in weights]
-    emb = encode_with_grad(model, [h[j] for h, d in zip(histories, drawn) for j in d])
+    texts = [h[j] for h, d in zip(histories, drawn) for j in d]
+    emb = encode_unique(model, texts)
+    if sampled:  # write back: a drawn text's cached value is now current
+        cache.update((t, row.clone()) for t, row in zip(texts, emb.detach().cpu()) if t in cache)
     out, start = [], 0
     for h, w, d in zip(histories, weights, drawn):
         fresh = emb[start:start + len(d)]
@@ -98,12 +144,25 @@ def history_cache(model: SentenceTransformer, examples: list[Example], grad_item
                   batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Embeddings (no gradient, current weights) of every history text of an example with more
     than `grad_items` of them (any of its texts may be left undrawn) — refreshed once per epoch."""
-    texts = sorted({t for e in examples if len(e.history) > grad_items for t in e.history})
+    return frozen_embeddings(model, {t for e in examples if len(e.history) > grad_items for t in e.history},
+                             batch_size)
+
+
+def persona_cache(model: SentenceTransformer, examples: list[Example],
+                  batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Embeddings (no gradient, current weights) of the item personas that serve as hard
+    negatives (`item_negatives`) — refreshed once per epoch."""
+    return frozen_embeddings(model, {t for e in examples for pid, t in e.item_personas if pid != e.persona_id},
+                             batch_size)
+
+
+def frozen_embeddings(model: SentenceTransformer, texts: set[str], batch_size: int) -> dict[str, torch.Tensor]:
+    ordered = sorted(texts)
     was_training = model.training
     model.eval()
-    vecs = embed(model, texts, batch_size)
+    vecs = embed(model, ordered, batch_size)
     model.train(was_training)
-    return {t: torch.from_numpy(v) for t, v in zip(texts, vecs)}
+    return {t: torch.from_numpy(v) for t, v in zip(ordered, vecs)}
 
 
 @dataclass
@@ -137,6 +196,7 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
             break
         model.train()
         cache = history_cache(model, train_set, s.history_grad_items) if s.history_grad_items else None
+        hard = persona_cache(model, train_set) if s.item_persona_negatives else None
         batches = [b for b in unique_batches(train_set, s.batch_size, rng) if len(b) >= 2]
         bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", unit="batch", leave=False)
         optimizer.zero_grad()
@@ -144,7 +204,8 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
             ex = [train_set[j] for j in idx]
             users = batch_user_vectors(model, [e.history for e in ex], gamma, cache, s.history_grad_items, draws)
             personas = encode_with_grad(model, [e.persona_text for e in ex])
-            loss = info_nce(users, personas, s.temperature) / s.grad_accumulation
+            negatives = item_negatives(ex, hard, users.device) if hard else None
+            loss = info_nce(users, personas, s.temperature, *(negatives or ())) / s.grad_accumulation
             loss.backward()
             if i % s.grad_accumulation == 0 or i == len(batches):
                 optimizer.step()
@@ -171,8 +232,9 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
 @torch.no_grad()
 def evaluate(model: SentenceTransformer, examples: list[Example], gamma: float, temperature: float,
              batch_size: int) -> dict:
-    """val_loss: InfoNCE over consecutive batches; top1_accuracy: share of pairs whose aligned
-    persona scores highest among its own item's personas (items with one persona excluded)."""
+    """val_loss: InfoNCE with in-batch negatives only (comparable whatever the training loss) over
+    consecutive batches; top1_accuracy: share of pairs whose aligned persona scores highest among
+    its own item's personas (items with one persona excluded)."""
     model.eval()
     if not examples:
         return {"val_loss": float("nan"), "top1_accuracy": float("nan"), "val_pairs": 0}
