@@ -139,6 +139,36 @@ def test_training_is_an_mlflow_run_registered_as_challenger_and_beats_the_untune
     assert np.allclose(served, trained, atol=1e-5)
 
 
+@pytest.mark.unit
+@pytest.mark.slow
+def test_exact_training_with_item_persona_negatives_learns_the_alignment():
+    """The non-default paths (exact gradient, hard negatives) on the same learnable task, without
+    Spark: the job test above runs the defaults."""
+    from persona4rec.config import TrainSettings
+    from persona4rec.training.data import split_examples
+    from persona4rec.training.trainer import evaluate, train
+
+    rng = random.Random(0)
+    examples = []
+    for u in range(48):
+        theme, chosen = u % 3, rng.sample(range(12), 6)
+        for seq in range(1, 6):
+            i = chosen[seq]
+            personas = tuple((f"I{i}#{t}", f"The {c} collector. Wants {c} editions of item {i}.")
+                             for t, c in enumerate(COLOURS))
+            history = tuple(f"Item {j}, a general product. {SPORTS[theme]} gear" for j in chosen[:seq])
+            examples.append(Example(f"U{u}", f"I{i}", history, *personas[theme], personas))
+    train_set, val_set = split_examples(examples, 0.25, 13)
+    s = TrainSettings(device="cpu", max_seq_length=32, epochs=3, batch_size=8, learning_rate=1e-3,
+                      history_grad_items=None, item_persona_negatives=True)
+    model = load_encoder(s.base_model, s.device, s.max_seq_length)
+    before = evaluate(model, val_set, 0.9, s.temperature, s.batch_size)
+    add_lora(model, s.lora_rank, s.lora_alpha, s.lora_dropout, s.seed)
+    after = train(model, train_set, val_set, s, 0.9).epochs[-1]
+    assert after["val_pairs"] >= 40
+    assert after["top1_accuracy"] >= before["top1_accuracy"] + 0.25 and after["top1_accuracy"] >= 0.8, (before, after)
+
+
 @pytest.mark.spark
 @pytest.mark.slow
 def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path):
