@@ -5,8 +5,8 @@ generators it reranks, leave-one-out on the test split, on any supported review 
         [--builder extractive|llm] [--max-steps 150] [--out DIR]
 
 Runs ingest → summaries → aspects → personas → align → train_encoder → promote_model →
-generate_candidates (ALS and BPR-MF, top 20) → evaluate in one local Spark session with fixed seeds,
-then prints the table (generator × variant × metric@K, with the relative change over the
+generate_candidates (ALS and BPR-MF, top 20, `mode=evaluation`) → evaluate in one local Spark
+session with fixed seeds, then prints the table (generator × variant × metric@K, with the relative change over the
 generator) and one JSON line per generator:
 {"bench": "quality", "dataset", "generator", "users", "ndcg10_generator", "ndcg10_vanilla",
  "ndcg10_finetuned", "ndcg10_blend", "alpha", "hr10_generator", "hr10_finetuned", "ndcg10_gain_ci"}
@@ -70,7 +70,7 @@ def main() -> None:
     logging.getLogger("py4j").setLevel(logging.WARNING)
     out = args.out or tempfile.mkdtemp(prefix="p4r-quality-")
     os.makedirs(out, exist_ok=True)
-    overrides = [f"storage.root={out}/warehouse", f"ingest.reviews_path={os.path.abspath(args.reviews)}",
+    overrides = ["mode=evaluation", f"storage.root={out}/warehouse", f"ingest.reviews_path={os.path.abspath(args.reviews)}",
                  f"ingest.items_path={os.path.abspath(args.meta) if args.meta else 'null'}",
                  f"ingest.format={args.format}", f"offline.persona_builder={args.builder}",
                  f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"mlflow.artifact_root={out}/mlruns",

@@ -72,7 +72,8 @@ def main() -> None:
             F.concat(F.lit("U"), (F.col("id") / 100).cast("long")).alias("user_id"),
             F.concat(F.lit("I"), ((F.col("id") * 7919) % I)).alias("item_id"),
             (100 - F.col("id") % 100).cast("double").alias("cf_score"),
-            (F.col("id") % 100 + 1).cast("int").alias("cf_rank"), F.lit("bpr").alias("generator")) \
+            (F.col("id") % 100 + 1).cast("int").alias("cf_rank"), F.lit("bpr").alias("generator"),
+            F.lit("cf").alias("source")) \
             .write.parquet(cand_path)
         hist = spark.read.parquet(hist_path)
         # Interaction embeddings arrive as rows (the interaction_embeddings layout): explode back.

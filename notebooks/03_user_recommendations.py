@@ -3,33 +3,39 @@
 # MAGIC # A user: history, candidates, reranked recommendations
 # MAGIC The user's interactions (the profile the user vector is built from), the CF generator's
 # MAGIC candidates, and the persona-reranked recommendations of the latest run with the persona that
-# MAGIC explains each pick. Set `USER` to look at another user.
+# MAGIC explains each pick. Set `USER` to look at another user, `MODE` for an evaluation-mode run.
 
 # COMMAND ----------
 
 from pyspark.sql import functions as F
 
+from persona4rec.alignment.profiles import stored_interactions
 from persona4rec.notebook import context
 
 spark, cfg, store = context()
-recs = store.read("recommendations")
+MODE = cfg.mode  # production: the e-mails; evaluation: a leave-one-out run
+recs = store.read("recommendations").filter(F.col("mode") == MODE)
 latest = recs.agg(F.max("run_date")).first()[0]
 recs = recs.filter(F.col("run_date") == latest)
 USER = None
 if USER is None:
     USER = recs.filter("has_history").orderBy("user_id").first()["user_id"]
-generator = recs.filter(F.col("user_id") == USER).first()["generator"]
-print(f"user {USER} · run {latest} · generator {generator} · k = {cfg.profile.k}, gamma = {cfg.profile.gamma}")
+first = recs.filter(F.col("user_id") == USER).first()
+generator = first["generator"]
+print(f"user {USER} · run {latest} ({MODE}) · generator {generator} · path {first['path']} · "
+      f"k = {cfg.profile.k}, gamma = {cfg.profile.gamma}")
 
 # COMMAND ----------
 
-# MAGIC %md History (oldest first; the newest k make the user vector, newest weight 1)
+# MAGIC %md History: every kept review, oldest first (`outside_core`: left out of the k-core). In
+# MAGIC production the newest k make the user vector (newest weight 1); evaluation uses the splits
+# MAGIC in `scoring.history_splits`.
 
 # COMMAND ----------
 
 items = store.read("items").select("item_id", "title")
-store.read("splits").filter(F.col("user_id") == USER).join(items, "item_id", "left") \
-    .orderBy("ts", "seq").select("ts", "split", "item_id", "title").show(truncate=60)
+stored_interactions(store).filter(F.col("user_id") == USER).join(items, "item_id", "left") \
+    .orderBy("seq").select("ts", "split", "item_id", "title").show(truncate=60)
 
 # COMMAND ----------
 
@@ -37,8 +43,8 @@ store.read("splits").filter(F.col("user_id") == USER).join(items, "item_id", "le
 
 # COMMAND ----------
 
-store.read("candidates").filter((F.col("user_id") == USER) & (F.col("generator") == generator)) \
-    .orderBy("cf_rank").show(30)
+store.read("candidates").filter((F.col("user_id") == USER) & (F.col("mode") == MODE)
+                               & (F.col("generator") == generator)).orderBy("cf_rank").show(30)
 
 # COMMAND ----------
 

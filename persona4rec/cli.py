@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from pyspark.sql import SparkSession
 
 from persona4rec.config import Config, ConfigError, load_config
+from persona4rec.errors import InputError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -35,7 +36,9 @@ def setup_logging() -> None:
 
 def run_job(description: str, run: Callable[[SparkSession, Config], Any],
             argv: Sequence[str] | None = None) -> Any:
-    """Parse arguments, load config (failing fast on bad keys), start Spark, run, print a summary."""
+    """Parse arguments, load config (failing fast on bad keys), start Spark, run, print a summary
+    (with the master and shuffle partitions the run had). An InputError ends the job with its
+    message on one line and exit status 1."""
     args = parser(description).parse_args(argv)
     setup_logging()
     try:
@@ -43,10 +46,17 @@ def run_job(description: str, run: Callable[[SparkSession, Config], Any],
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    from persona4rec.spark import get_spark
+    from persona4rec.spark import describe, get_spark
 
-    result = run(get_spark(cfg), cfg)
+    spark = get_spark(cfg)
+    try:
+        result = run(spark, cfg)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     summary = result.as_dict() if hasattr(result, "as_dict") else result
+    if isinstance(summary, dict):
+        summary = {**summary, "spark": describe(spark)}
     if summary is not None:
         print(json.dumps(summary, default=str))
     return result

@@ -16,6 +16,7 @@ import re
 import sys
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -51,6 +52,11 @@ class StorageSettings:
     # Metastore / Unity Catalog placement: tables become `<catalog>.<schema>.<table>`.
     catalog: str | None = None
     schema: str | None = None
+    # Folder for the working files that plain file I/O reads and writes (LLM journal, Spark
+    # checkpoints, the scoring model cache): a filesystem path the driver and every executor see
+    # (local disk locally; a Unity Catalog Volume or another mount on a cluster). null =
+    # /Volumes/<catalog>/<schema>/ when tables live in a schema, else beside the tables.
+    work_dir: str | None = None
 
 
 ReviewFormat = Literal["amazon2014", "amazon2018", "amazon2023", "yelp"]
@@ -118,8 +124,6 @@ class LLMSettings:
     tokens_per_minute: float = 1_000_000.0
     burst_s: float = 2.0  # a task may spend up to this many seconds of its rate at once
     concurrency_per_task: int = 4
-    # Cache journal folder (executors append results there as they come); null = <root>/_llm_journal
-    journal_dir: str | None = None
     progress_interval_s: float = 10.0
     # USD per million tokens, by model name, for the run's cost line.
     prices: dict[str, dict[str, float]] = field(default_factory=lambda: {
@@ -228,8 +232,17 @@ class EvaluationSettings:
     seed: int = 11
 
 
+Mode = Literal["production", "evaluation"]
+PRODUCTION, EVALUATION = "production", "evaluation"
+
+
 @dataclass(frozen=True)
 class Config:
+    # production: the nightly e-mail run — generators train on every kept interaction, every item
+    # a user ever interacted with is excluded, every user with a kept review is scored.
+    # evaluation: leave-one-out — generators train on the training split, user vectors come from
+    # scoring.history_splits (see README "Modes"). Read by generate_candidates and score_users.
+    mode: Mode = "production"
     spark: SparkSettings = field(default_factory=SparkSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
@@ -253,13 +266,27 @@ class Config:
         return str(Path(self.project_root) / path)
 
     def work_dir(self, name: str) -> str:
-        """A working folder next to the tables (LLM journal, Spark checkpoints): a Unity Catalog
-        Volume `/Volumes/<catalog>/<schema>/<name>` when tables live in a schema, else
-        `<storage.root>/_<name>`."""
+        """A working folder for plain file I/O (LLM journal, Spark checkpoints, model cache):
+        `<storage.work_dir>/<name>`, else a Unity Catalog Volume `/Volumes/<catalog>/<schema>/<name>`
+        when tables live in a schema, else `<storage.root>/_<name>`. Always a filesystem path:
+        `validate` refuses an object-store URI here before any work starts."""
         st = self.storage
+        if st.work_dir:
+            return _file_path(self.resolve_path(st.work_dir)).rstrip("/") + f"/{name}"
         if st.schema:
             return f"/Volumes/{st.catalog or 'main'}/{st.schema}/{name}"
-        return self.resolve_path(st.root) + f"/_{name}"
+        return _file_path(self.resolve_path(st.root)).rstrip("/") + f"/_{name}"
+
+    def _check_work_paths(self) -> None:
+        """Working files are written with open() on the driver and the executors: an object-store
+        URI (s3://, abfss://, gs://, dbfs:/ …) cannot hold them. Name the key to set instead."""
+        st = self.storage
+        key, value = ("storage.work_dir", st.work_dir) if st.work_dir else ("storage.root", st.root)
+        if not st.schema or st.work_dir:
+            _check(not _is_object_store(value), key, value,
+                   "the LLM journal, Spark checkpoints and the model cache need a filesystem path that the "
+                   "driver and every executor see; set storage.work_dir to a Unity Catalog Volume or a mounted "
+                   "path (e.g. /Volumes/<catalog>/<schema>/persona4rec or /dbfs/persona4rec)")
 
     def tracking_uri(self) -> str:
         uri = self.mlflow.tracking_uri
@@ -321,7 +348,23 @@ class Config:
                f"must be one of candidates.generators {list(self.candidates.generators)}")
         _check(self.profile.k >= 1, "profile.k", self.profile.k, "must be >= 1")
         _check(0 < self.profile.gamma <= 1, "profile.gamma", self.profile.gamma, "must be within (0, 1]")
+        _check(len(self.scoring.history_splits) >= 1
+               and set(self.scoring.history_splits) <= {"train", "validation", "test"},
+               "scoring.history_splits", self.scoring.history_splits,
+               "must name splits among train, validation, test (evaluation mode; production uses every "
+               "interaction)")
+        self._check_work_paths()
         return self
+
+
+def _file_path(path: str) -> str:
+    """`file:///x` → `/x`, for open(); anything else unchanged."""
+    return urllib.parse.urlparse(path).path if path.lower().startswith("file:") else path
+
+
+def _is_object_store(path: str) -> bool:
+    """A URI with a scheme other than file: (s3, s3a, abfss, gs, wasbs, dbfs, hdfs, …)."""
+    return bool(_URI.match(path)) and not path.lower().startswith("file:")
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:

@@ -40,6 +40,10 @@ SOURCE_LINE = "source_line"
 
 SPLIT = "split"
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
+# A kept review outside the k-core: history in production mode, never part of leave-one-out.
+OUTSIDE_CORE = "outside_core"
+# user_vectors.history_splits in production mode: every kept interaction, whatever its split.
+ALL_HISTORY = "all"
 
 REVIEWS = TableSpec(
     name="reviews",
@@ -217,8 +221,10 @@ INTERACTION_EMBEDDINGS = TableSpec(
         T.StructField(USER_ID, T.StringType(), False),
         T.StructField(ITEM_ID, T.StringType(), False),
         T.StructField(TS, T.LongType(), False),
+        # 1-based position among all of the user's kept reviews by (ts, item_id): the splits'
+        # order, extended to the interactions outside the k-core.
         T.StructField("seq", T.IntegerType(), False),
-        T.StructField(SPLIT, T.StringType(), False),
+        T.StructField(SPLIT, T.StringType(), False),  # train | validation | test | outside_core
         T.StructField("text_hash", T.StringType(), False),
         T.StructField("embedding", _VECTOR, False),
         T.StructField("model_version", T.StringType(), False),
@@ -231,32 +237,42 @@ USER_VECTORS = TableSpec(
     schema=T.StructType([
         T.StructField(USER_ID, T.StringType(), False),
         T.StructField("model_version", T.StringType(), False),
-        T.StructField("history_splits", T.StringType(), False),  # e.g. "train" or "train,validation,test"
-        T.StructField("n_history", T.IntegerType(), False),  # interactions in those splits (k or fewer used)
+        # "all" (production: every kept interaction) or the evaluation splits, e.g. "train,validation"
+        T.StructField("history_splits", T.StringType(), False),
+        T.StructField("n_history", T.IntegerType(), False),  # interactions in that history (k or fewer used)
         T.StructField("history_signature", T.LongType(), False),  # xor of row hashes: changes iff the history does
+        T.StructField("k", T.IntegerType(), False),  # profile.k the vector was built with
+        T.StructField("gamma", T.DoubleType(), False),  # profile.gamma the vector was built with
         T.StructField("vector", _VECTOR, False),  # L2-normalised γ-decayed mean of the last k embeddings
     ]),
 )
 
+# Where a user's candidates came from (candidates.source, recommendations.path).
+FROM_MODEL = "cf"  # the generator's own top-N
+FROM_POPULAR = "popular"  # the generator has no factors for the user: popular items they never interacted with
+
 CANDIDATES = TableSpec(
     name="candidates",
-    keys=("generator", USER_ID, ITEM_ID),
-    partition_by=("generator",),
+    keys=("mode", "generator", USER_ID, ITEM_ID),
+    partition_by=("mode", "generator"),
     schema=T.StructType([
+        T.StructField("mode", T.StringType(), False),  # production | evaluation (see config `mode`)
         T.StructField("generator", T.StringType(), False),  # als | bpr
         T.StructField(USER_ID, T.StringType(), False),
         T.StructField(ITEM_ID, T.StringType(), False),
-        T.StructField("cf_score", T.DoubleType(), False),
+        T.StructField("cf_score", T.DoubleType(), False),  # the generator's score, or popularity for `popular`
         T.StructField("cf_rank", T.IntegerType(), False),
+        T.StructField("source", T.StringType(), False),  # cf | popular
     ]),
 )
 
 RECOMMENDATIONS = TableSpec(
     name="recommendations",
-    keys=("run_date", "generator", USER_ID, "rank"),
+    keys=("run_date", "mode", "generator", USER_ID, "rank"),
     partition_by=("run_date",),
     schema=T.StructType([
         T.StructField("run_date", T.DateType(), False),
+        T.StructField("mode", T.StringType(), False),  # production (the e-mails) | evaluation
         T.StructField("generator", T.StringType(), False),
         T.StructField("model_version", T.StringType(), False),
         T.StructField(USER_ID, T.StringType(), False),
@@ -269,6 +285,8 @@ RECOMMENDATIONS = TableSpec(
         T.StructField("persona_name", T.StringType(), True),
         T.StructField("explanation", T.StringType(), False),
         T.StructField("has_history", T.BooleanType(), False),  # false: CF order, generic explanation
+        # cf: the generator's candidates, reranked; popular: the cold-user fallback, reranked
+        T.StructField("path", T.StringType(), False),
     ]),
 )
 

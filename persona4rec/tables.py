@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from persona4rec.config import Config
-from persona4rec.schemas import TableSpec
+from persona4rec.schemas import SchemaError, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,25 @@ class TableStore:
 
     # -- writing -------------------------------------------------------------------------
     def ensure(self, spec: TableSpec) -> DeltaTable:
-        """Create the table empty with its schema if it does not exist yet."""
+        """Create the table empty with its schema if it does not exist yet; fail, naming the
+        columns, when an existing table has other columns than this version writes (a table
+        left by an older version would otherwise fail deep inside a MERGE)."""
         builder = DeltaTable.createIfNotExists(self.spark)
         builder = builder.tableName(self.location(spec.name)) if self._prefix \
             else builder.location(self.location(spec.name))
         builder = builder.addColumns(spec.schema)
         if spec.partition_by:
             builder = builder.partitionedBy(*spec.partition_by)
-        return builder.execute()
+        table = builder.execute()
+        have = table.toDF().columns
+        missing, extra = [c for c in spec.columns if c not in have], [c for c in have if c not in spec.columns]
+        if missing or extra:
+            raise SchemaError(
+                f"table '{spec.name}' at {self.location(spec.name)} has columns {have}; this version writes "
+                f"{spec.columns} (missing {missing}, unexpected {extra}). It was written by an older version: "
+                f"migrate it (ALTER TABLE ... ADD COLUMNS), or, for a derived table, drop it and rerun the stage "
+                f"that writes it")
+        return table
 
     def upsert(
         self,

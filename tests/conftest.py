@@ -52,15 +52,21 @@ def write_lines(path: Path, lines: list[str | bytes | dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def extractive_run(spark, tmp_path_factory):
-    """The whole pipeline on the sample with the LLM-free persona builder (a short training),
-    then the evaluate job: tables, MLflow store and results shared by the tests that read them."""
+    """The whole pipeline on the sample with the LLM-free persona builder (a short training) in
+    production mode, then evaluation-mode candidates and the evaluate job (as the bundle's
+    training job does): tables, MLflow store and results shared by the tests that read them."""
+    import dataclasses
+
     from persona4rec import pipeline
     from persona4rec.evaluation import job as evaluate
+    from persona4rec.scoring import candidates
 
     tmp = tmp_path_factory.mktemp("extractive_run")
     cfg = make_config(tmp, "offline.persona_builder=extractive", "train.epochs=1", "train.max_steps=4",
                       f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", f"mlflow.artifact_root={tmp / 'mlruns'}",
                       "scoring.run_date=2026-11-25", "evaluation.bootstrap_samples=200")
     results = pipeline.run(spark, cfg)
-    results["evaluate"] = evaluate.run(spark, cfg)
+    evaluation = dataclasses.replace(cfg, mode="evaluation")
+    results["evaluation_candidates"] = candidates.run(spark, evaluation)
+    results["evaluate"] = evaluate.run(spark, evaluation)
     return tmp, cfg, results

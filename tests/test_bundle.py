@@ -46,3 +46,17 @@ def test_scoring_job_is_scheduled_and_paused_in_dev():
     scoring = BUNDLE["resources"]["jobs"]["scoring"]
     assert scoring["schedule"]["quartz_cron_expression"]
     assert [t["task_key"] for t in scoring["tasks"]] == ["build_index", "generate_candidates", "score_users"]
+
+
+def _overrides(task):
+    return parser("x").parse_args([substitute(p) for p in task["spark_python_task"]["parameters"]]).overrides
+
+
+def test_scoring_job_runs_production_mode_and_evaluate_gets_evaluation_candidates():
+    jobs = BUNDLE["resources"]["jobs"]
+    for task in jobs["scoring"]["tasks"]:
+        assert load_config(None, _overrides(task)).mode == "production", task["task_key"]
+    training = {t["task_key"]: t for t in jobs["training"]["tasks"]}
+    assert load_config(None, _overrides(training["generate_candidates"])).mode == "evaluation"
+    assert "generate_candidates" in {d["task_key"] for d in training["evaluate"]["depends_on"]}
+    assert load_config(None, _overrides(jobs["scoring"]["tasks"][-1])).scoring.alpha == "auto"

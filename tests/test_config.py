@@ -10,6 +10,7 @@ def test_base_config_loads_embedded_defaults():
     assert cfg.ingest.format == "amazon2018"
     assert cfg.split.kcore == 5
     assert cfg.spark.conf["spark.databricks.delta.snapshotPartitions"] == "2"
+    assert cfg.mode == "production"  # the product; leave-one-out is asked for explicitly
 
 
 def test_target_layer_and_overrides_apply_in_order():
@@ -36,6 +37,8 @@ def test_config_is_frozen():
     ("ingest.rating_min=9", "config key 'ingest.rating_min' has bad value 9.0"),
     ("spark.ui_enabled=maybe", "config key 'spark.ui_enabled' has bad value 'maybe': expected true or false"),
     ("nonsense", "override 'nonsense' must look like key.path=value"),
+    ("mode=nightly", "config key 'mode' has bad value 'nightly': expected one of ['production', 'evaluation']"),
+    ("scoring.history_splits=[train,outside_core]", "config key 'scoring.history_splits' has bad value"),
 ])
 def test_bad_values_name_the_key_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -61,3 +64,25 @@ def test_work_dirs_sit_next_to_the_tables():
     assert local.work_dir("checkpoints") == "/data/wh/_checkpoints"
     uc = load_config("test", ["storage.catalog=prod", "storage.schema=recs"])
     assert uc.work_dir("llm_journal") == "/Volumes/prod/recs/llm_journal"
+
+    own = load_config("test", ["storage.root=s3://bucket/tables", "storage.work_dir=/Volumes/c/s/p4r"])
+    assert own.work_dir("models") == "/Volumes/c/s/p4r/models"
+    assert load_config("test", ["storage.root=file:///data/wh"]).work_dir("models") == "/data/wh/_models"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overrides, key", [
+    (["storage.root=s3://bucket/tables"], "storage.root"),
+    (["storage.root=abfss://c@acct.dfs.core.windows.net/t"], "storage.root"),
+    (["storage.catalog=c", "storage.schema=s", "storage.work_dir=dbfs:/tmp/p4r"], "storage.work_dir"),
+])
+def test_object_store_work_dirs_fail_at_start_naming_the_key(overrides, key):
+    """The LLM journal, checkpoints and model cache are written with open(): an object-store URI
+    would fail on the executors hours later, so config refuses it and says what to set."""
+    with pytest.raises(ConfigError, match=rf"config key '{key}' has bad value .* set storage.work_dir to a "
+                                          r"Unity Catalog Volume"):
+        load_config("test", overrides)
+    # Tables may live on an object store as long as the working files do not.
+    assert load_config("test", ["storage.root=s3://bucket/tables", "storage.work_dir=/mnt/p4r"])
+    assert load_config("test", ["storage.catalog=c", "storage.schema=s"]).work_dir("checkpoints") == \
+        "/Volumes/c/s/checkpoints"

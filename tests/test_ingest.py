@@ -150,6 +150,7 @@ def test_job_entry_point_writes_tables_a_fresh_session_reads(spark, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["reviews"]["kept"] == 237
+    assert summary["spark"] == {"master": "local[2]", "shuffle_partitions": 2}  # nothing launched it: config
     table = DeltaTable.forPath(spark, str(warehouse / "reviews"))
     assert table.toDF().count() == 237
     ops = [r.operation for r in spark.sql(f"DESCRIBE HISTORY delta.`{warehouse / 'splits'}`").collect()]
@@ -158,17 +159,21 @@ def test_job_entry_point_writes_tables_a_fresh_session_reads(spark, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_spark_submit_runs_the_job(tmp_path):
-    """The same job file under spark-submit, with the Delta package on the command line."""
+def test_spark_submit_runs_the_job_on_the_launchers_master_and_settings(tmp_path):
+    """The same job file under spark-submit, with the Delta package on the command line: the
+    launcher's --master and --conf win over the config's local defaults (test.yaml: local[2], 2)."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "spark-submit"), "--packages",
          "io.delta:delta-spark_4.2_2.13:4.4.0", "--conf", "spark.ui.enabled=false",
+         "--master", "local[1]", "--conf", "spark.sql.shuffle.partitions=3",
          str(ROOT / "jobs" / "ingest.py"), "--target", "test",
          "--set", f"storage.root={tmp_path / 'wh'}"],
         capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "PYSPARK_PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["core_interactions"] == 186
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["core_interactions"] == 186
+    assert summary["spark"] == {"master": "local[1]", "shuffle_partitions": 3}
     assert (tmp_path / "wh" / "reviews" / "_delta_log").is_dir()
 
 

@@ -23,12 +23,15 @@ def test_pipeline_on_the_sample_recommends_candidates_with_persona_explanations(
     assert results["build_index"]["model_version"] == results["train_encoder"]["model_version"]
     store = TableStore(spark, cfg)
     recs = store.read("recommendations")
+    assert results["score_users"]["mode"] == "production"
     k = cfg.scoring.top_k
-    with_history = store.read("interaction_embeddings").filter("split = 'train'").select("user_id").distinct()
+    customers = store.read("reviews").select("user_id").distinct()
     per_user = recs.filter("has_history").groupBy("user_id").count()
     assert per_user.filter(F.col("count") != k).count() == 0
-    assert with_history.join(per_user, "user_id", "left_anti").count() == 0  # every user with history
-    cands = store.read("candidates").filter("generator = 'bpr'")
+    assert customers.join(per_user, "user_id", "left_anti").count() == 0  # every customer, k-core or not
+    assert customers.count() == 33 and store.read("splits").select("user_id").distinct().count() == 28
+    assert recs.join(store.read("reviews"), ["user_id", "item_id"], "left_semi").count() == 0  # nothing seen
+    cands = store.read("candidates").filter("mode = 'production' AND generator = 'bpr'")
     assert recs.join(cands, ["user_id", "item_id"], "left_anti").count() == 0
     personas = store.read("item_personas").select("persona_id", "item_id")
     named = recs.filter("has_history")

@@ -7,6 +7,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from conftest import make_config
+from persona4rec.errors import InputError
 from persona4rec.schemas import CANDIDATES, INTERACTION_EMBEDDINGS, PERSONA_INDEX
 from persona4rec.scoring import candidates, score
 from persona4rec.scoring.explain import sanitize
@@ -94,6 +95,7 @@ def test_rank_candidates_keeps_cf_order_without_history_and_never_rewards_uninde
 
 
 def synthetic(spark, cfg, users=30, items=25, d=16, personas=3, cands=12, seed=0):
+    """Evaluation-mode tables: persona index, train-split history embeddings and candidates."""
     rng = np.random.default_rng(seed)
     unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
     pvec = unit(rng.normal(size=(items, personas, d)))
@@ -102,15 +104,12 @@ def synthetic(spark, cfg, users=30, items=25, d=16, personas=3, cands=12, seed=0
     hist, cand = [], []
     history = {}
     for u in range(users):
-        if u == users - 1:
-            history[u] = np.zeros((0, d), dtype=np.float32)  # a user with no history
-        else:
-            n = 3 + u % 12
-            history[u] = unit(rng.normal(size=(n, d)))
-            for s in range(n):
-                hist.append((f"U{u}", f"H{s}", 100 + s, s + 1, "train", "h", history[u][s].tolist(), "v1"))
+        n = 3 + u % 12
+        history[u] = unit(rng.normal(size=(n, d)))
+        for s in range(n):
+            hist.append((f"U{u}", f"H{s}", 100 + s, s + 1, "train", "h", history[u][s].tolist(), "v1"))
         for r, i in enumerate(rng.choice(items, cands, replace=False), start=1):
-            cand.append(("bpr", f"U{u}", f"I{i}", float(cands - r), r))
+            cand.append(("evaluation", "bpr", f"U{u}", f"I{i}", float(cands - r), r, "cf"))
     store = TableStore(spark, cfg)
     store.upsert(spark.createDataFrame(index, PERSONA_INDEX.schema), PERSONA_INDEX)
     store.upsert(spark.createDataFrame(hist, INTERACTION_EMBEDDINGS.schema), INTERACTION_EMBEDDINGS)
@@ -120,19 +119,17 @@ def synthetic(spark, cfg, users=30, items=25, d=16, personas=3, cands=12, seed=0
 
 @pytest.mark.spark
 def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
-    cfg = make_config(tmp_path, "scoring.run_date=2026-01-02", "profile.k=10", "profile.gamma=0.8",
-                      "scoring.top_k=10", "scoring.explanation_max_chars=160")
+    cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", "profile.k=10",
+                      "profile.gamma=0.8", "scoring.top_k=10", "scoring.explanation_max_chars=160")
     store, pvec, history = synthetic(spark, cfg)
     first = score.run(spark, cfg)
-    assert first["users"] == 30 and first["rows"] == 300
-    assert first["user_vectors_recomputed"] == 29  # the user without history has no vector
+    assert first["users"] == 30 and first["rows"] == 300 and first["users_by_path"] == {"cf": 30}
+    assert first["user_vectors_recomputed"] == 30
     recs = store.read("recommendations").collect()
 
     for r in recs:
         u = int(r.user_id[1:])
-        if not history[u].size:
-            assert not r.has_history and r.persona_id is None and r["rank"] == r.cf_rank
-            continue
+        assert r.has_history and r.mode == "evaluation" and r.path == "cf"
         h = history[u][-10:]
         w = 0.8 ** np.arange(len(h) - 1, -1, -1)
         uv = (w[:, None] * h).sum(0) / w.sum()
@@ -154,8 +151,7 @@ def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
     for rows in by_user.values():
         rows.sort(key=lambda r: r["rank"])
         assert [r["rank"] for r in rows] == list(range(1, 11))
-        if rows[0].has_history:
-            assert all(a.score >= b.score for a, b in zip(rows, rows[1:]))
+        assert all(a.score >= b.score for a, b in zip(rows, rows[1:]))
 
     again = score.run(spark, cfg)
     assert again["rows"] == 300 and again["user_vectors_recomputed"] == 0  # nothing changed
@@ -174,6 +170,14 @@ def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
     got = store.read("user_vectors").filter("user_id = 'U0'").first()
     np.testing.assert_allclose(got.vector, want / np.linalg.norm(want), atol=1e-6)
     assert got.n_history == len(history[0]) + 1
+
+    # A user with candidates but no history embedding of this model version: the run stops
+    # instead of mailing them generic CF picks.
+    store.upsert(spark.createDataFrame([("evaluation", "bpr", "U99", "I1", 1.0, 1, "cf")], CANDIDATES.schema),
+                 CANDIDATES)
+    with pytest.raises(InputError, match=r"1 user\(s\) to score have no user vector for model version v1 .*'U99'"):
+        score.run(spark, cfg)
+    assert store.read("recommendations").count() == 300  # nothing was written
 
 
 @pytest.mark.spark

@@ -5,7 +5,7 @@ from chispa import assert_df_equality
 from delta.tables import DeltaTable
 from pyspark.sql import types as T
 
-from persona4rec.schemas import TableSpec
+from persona4rec.schemas import SchemaError, TableSpec
 from persona4rec.tables import TableStore
 
 pytestmark = pytest.mark.spark
@@ -87,3 +87,15 @@ def test_rows_missing_a_column_fail_with_table_named(spark, cfg):
 def test_reading_a_missing_table_says_which_stage_to_run(spark, cfg):
     with pytest.raises(FileNotFoundError, match="table 'nope' does not exist"):
         TableStore(spark, cfg).read("nope")
+
+
+def test_a_table_written_by_an_older_version_fails_naming_its_columns(spark, cfg):
+    """A derived table from before a schema change fails at the write with what differs, not deep
+    inside a MERGE."""
+    store = TableStore(spark, cfg)
+    store.upsert(rows(spark, [("a", 1, None, "t0")]), SPEC)
+    newer = TableSpec(name="things", keys=("id",), schema=T.StructType(
+        [*SPEC.schema.fields, T.StructField("mode", T.StringType(), True)]))
+    with pytest.raises(SchemaError, match=r"table 'things' .*missing \['mode'\], unexpected \[\].* drop it and "
+                                          r"rerun"):
+        store.upsert(spark.createDataFrame([("a", 1, None, "t0", "x")], newer.schema), newer)

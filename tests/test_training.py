@@ -14,7 +14,8 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import make_config
-from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS, SPLITS
+from persona4rec.errors import InputError
+from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS, REVIEWS, SPLITS
 from persona4rec.tables import TableStore
 from persona4rec.training import job, promote
 from persona4rec.training.data import Example, unique_batches
@@ -29,7 +30,7 @@ COLOURS = ["crimson", "teal", "amber"]
 def synthetic_tables(spark, cfg, users=48, items=12, per_user=6):
     rng = random.Random(0)
     store = TableStore(spark, cfg)
-    splits, aspects, pairs, personas = [], [], [], []
+    splits, reviews, aspects, pairs, personas = [], [], [], [], []
     for i in range(items):
         for t, colour in enumerate(COLOURS):
             text = f"The {colour} collector. Wants {colour} editions of item {i}. Picks {colour} every time."
@@ -41,12 +42,15 @@ def synthetic_tables(spark, cfg, users=48, items=12, per_user=6):
         for seq, i in enumerate(chosen, start=1):
             ts = 1_000 + seq * 10 + u
             splits.append((f"U{u}", f"I{i}", ts, seq, "train"))
+            reviews.append((f"U{u}", f"I{i}", 5.0, ts, None, f"{SPORTS[theme]} gear", None, None, "amazon2018",
+                            "synthetic", seq))
             aspects.append((f"U{u}", f"I{i}", 5.0, None, f"{SPORTS[theme]} gear", "said so", None, None, None,
                             None, None, None, 3, True, None, "succeeded", None, None, None))
             if seq > 1:
                 pairs.append((f"U{u}", f"I{i}", ts, f"I{i}#{theme}", "theme match",
                                [f"I{j}" for j in chosen[:seq - 1]], "succeeded", None, None, None))
     summaries = [(f"I{i}", f"Item {i}, a general product.", "llm", "succeeded", None, None, None) for i in range(items)]
+    store.upsert(spark.createDataFrame(reviews, REVIEWS.schema), REVIEWS)
     store.upsert(spark.createDataFrame(splits, SPLITS.schema), SPLITS)
     store.upsert(spark.createDataFrame(summaries, ITEM_SUMMARIES.schema), ITEM_SUMMARIES)
     store.upsert(spark.createDataFrame(aspects, REVIEW_ASPECTS.schema), REVIEW_ASPECTS)
@@ -213,10 +217,13 @@ def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path)
     from persona4rec.training.registry import set_blend_alpha
 
     auto = training_config(tmp_path, "train.epochs=2", "scoring.alpha=auto")
-    assert resolve_alpha(auto, report.model_version, "bpr") == 1.0  # nothing chosen yet: the pure rerank
+    # Nothing chosen yet: the run stops, never a silent α = 1 (below the generator in our quality table).
+    with pytest.raises(InputError, match=rf"model version {report.model_version} .* no α chosen for generator bpr"):
+        resolve_alpha(auto, report.model_version, "bpr")
     set_blend_alpha(cfg, client, report.model_version, "bpr", 0.3)
     assert resolve_alpha(auto, report.model_version, "bpr") == 0.3
-    assert resolve_alpha(auto, report.model_version, "als") == 1.0
+    with pytest.raises(InputError, match="no α chosen for generator als"):
+        resolve_alpha(auto, report.model_version, "als")
     assert resolve_alpha(training_config(tmp_path, "scoring.alpha=0.7"), report.model_version, "bpr") == 0.7
 
 

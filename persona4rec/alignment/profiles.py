@@ -7,12 +7,14 @@ a training interaction (u, i, t) is u's last k training interactions strictly be
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from persona4rec.config import Config
+from persona4rec.ingest.transform import kept_interactions
 from persona4rec.offline.common import usable_reviews
-from persona4rec.schemas import ASPECT_SLOTS, ITEM_ID, ITEM_SUMMARIES, REVIEW_ASPECTS, SPLIT, TRAIN, TS, USER_ID
+from persona4rec.schemas import (ASPECT_SLOTS, ITEM_ID, ITEM_SUMMARIES, REVIEW_ASPECTS, REVIEWS, SPLIT, SPLITS, TRAIN,
+                                 TS, USER_ID)
 from persona4rec.tables import TableStore
 
 REVIEW_EXCERPT_CHARS = 240  # of the user's own review, in extractive interaction texts
@@ -28,12 +30,12 @@ def interaction_text_col(summary: Column, aspects: dict[str, Column]) -> Column:
     return F.when(said == "", summary).otherwise(F.concat(summary, F.lit(" | "), said))
 
 
-def interaction_texts(splits: DataFrame, summaries: DataFrame, aspects: DataFrame | None,
+def interaction_texts(interactions: DataFrame, summaries: DataFrame, aspects: DataFrame | None,
                       reviews: DataFrame | None = None) -> DataFrame:
-    """One text per interaction in `splits` (any split): user_id, item_id, ts, seq, split, text.
-    With `reviews` instead of aspects (the extractive builder), the user's own review excerpt
-    stands where the aspect slots would."""
-    rows = splits.join(summaries.select(ITEM_ID, "summary"), ITEM_ID, "left")
+    """One text per interaction (user_id, item_id, ts, seq, split rows, any split): user_id,
+    item_id, ts, seq, split, text. With `reviews` instead of aspects (the extractive builder), the
+    user's own review excerpt stands where the aspect slots would."""
+    rows = interactions.join(summaries.select(ITEM_ID, "summary"), ITEM_ID, "left")
     summary = F.coalesce(F.col("summary"), F.concat(F.lit("Item "), F.col(ITEM_ID)))
     if reviews is not None:
         said = reviews.select(USER_ID, ITEM_ID, F.substring(F.regexp_replace("review_text", r"\s+", " "), 1,
@@ -49,13 +51,19 @@ def interaction_texts(splits: DataFrame, summaries: DataFrame, aspects: DataFram
     return rows.select(USER_ID, ITEM_ID, TS, "seq", SPLIT, text.alias("text"))
 
 
+def stored_interactions(store: TableStore) -> DataFrame:
+    """Every kept review as an interaction, with its split (`outside_core` beyond the k-core)."""
+    return kept_interactions(store.read(REVIEWS.name), store.read(SPLITS.name))
+
+
 def stored_interaction_texts(store: TableStore, cfg: Config) -> DataFrame:
-    """interaction_texts over the stored tables, for the configured persona builder."""
-    splits, summaries = store.read("splits"), store.read(ITEM_SUMMARIES.name)
+    """interaction_texts of every kept interaction over the stored tables, for the configured
+    persona builder. Leave-one-out consumers filter by split; production reads them all."""
+    interactions, summaries = stored_interactions(store), store.read(ITEM_SUMMARIES.name)
     if cfg.offline.persona_builder == "extractive":
-        return interaction_texts(splits, summaries, None, usable_reviews(store, cfg))
+        return interaction_texts(interactions, summaries, None, usable_reviews(store, cfg))
     aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
-    return interaction_texts(splits, summaries, aspects)
+    return interaction_texts(interactions, summaries, aspects)
 
 
 def profiles(texts: DataFrame, k: int, splits_for_history: tuple[str, ...] = (TRAIN,)) -> DataFrame:
@@ -71,13 +79,3 @@ def profiles(texts: DataFrame, k: int, splits_for_history: tuple[str, ...] = (TR
     history = F.transform(last_k, lambda h: F.struct(h[ITEM_ID].alias(ITEM_ID), h[TS].alias(TS),
                                                      h["text"].alias("text")))
     return rows.select(USER_ID, ITEM_ID, TS, "seq", SPLIT, "text", history.alias("history"))
-
-
-def latest_history(texts: DataFrame, k: int) -> DataFrame:
-    """Per user, the last k training interactions (for scoring the next item): user_id, history."""
-    w = Window.partitionBy(USER_ID).orderBy(F.col(TS).desc(), F.col("seq").desc())
-    last = texts.filter(F.col(SPLIT) == TRAIN).withColumn("_r", F.row_number().over(w)).filter(F.col("_r") <= k)
-    return last.groupBy(USER_ID).agg(
-        F.transform(F.sort_array(F.collect_list(F.struct(TS, "seq", ITEM_ID, "text"))),
-                    lambda h: F.struct(h[ITEM_ID].alias(ITEM_ID), h[TS].alias(TS), h["text"].alias("text")))
-        .alias("history"))

@@ -30,7 +30,8 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from persona4rec.alignment.profiles import stored_interaction_texts
-from persona4rec.config import Config
+from persona4rec.config import EVALUATION, Config
+from persona4rec.errors import InputError
 from persona4rec.evaluation.metrics import ndcg, spark_metrics
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
 from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_PERSONAS,
@@ -153,8 +154,11 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     if champion.version == base.version:
         log.warning("no @champion encoder: the 'finetuned' variants equal 'vanilla'")
     splits = store.read("splits")
-    candidates = store.read(CANDIDATES.name)
+    candidates = store.read(CANDIDATES.name).filter(F.col("mode") == EVALUATION)
     generators = sorted(r[0] for r in candidates.select("generator").distinct().collect())
+    if not generators:
+        raise InputError("candidates has no evaluation-mode rows: run generate_candidates with mode=evaluation "
+                         "(the generators then train on the training split only) before evaluate")
     max_chars, grid = cfg.scoring.explanation_max_chars, tuple(sorted(set(ev.alpha_grid) | {1.0}))
     parts, alphas = [], {}
     ft = encoders["finetuned"]

@@ -19,6 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from persona4rec.errors import InputError
 from persona4rec.ingest.formats import decode_object
 from persona4rec.ingest.records import Reason, Rejected
 
@@ -36,10 +37,6 @@ SOURCE_COLUMNS = [
     T.StructField("source_file", T.StringType(), False),
     T.StructField("source_line", T.LongType(), True),
 ]
-
-
-class InputError(ValueError):
-    """The configured input cannot be read: wrong path, unknown format; says what to change."""
 
 
 def list_input_files(path: str, key: str) -> list[str]:

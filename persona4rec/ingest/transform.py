@@ -7,7 +7,7 @@ import logging
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from persona4rec.schemas import ITEM_ID, SPLIT, TEST, TRAIN, TS, USER_ID, VALIDATION
+from persona4rec.schemas import ITEM_ID, OUTSIDE_CORE, SPLIT, TEST, TRAIN, TS, USER_ID, VALIDATION
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +70,20 @@ def leave_one_out(interactions: DataFrame, min_interactions: int = 3) -> DataFra
              .when(F.col("seq") == F.col("_n") - 1, F.lit(VALIDATION))
              .otherwise(F.lit(TRAIN)))
     return seq.withColumn(SPLIT, split).drop("_n")
+
+
+def kept_interactions(reviews: DataFrame, splits: DataFrame) -> DataFrame:
+    """Every kept review as an interaction: user_id, item_id, ts, seq, split.
+
+    `split` is the leave-one-out split of a k-core interaction, else `outside_core`; `seq` numbers
+    all of a user's kept reviews by (ts, item_id), the order `leave_one_out` uses, so the k-core
+    interactions keep their relative order. Production mode reads this, not the splits: a
+    customer's history, the generators' training data and the items never to recommend again are
+    every kept review, including those the k-core filtering left out.
+    """
+    by_time = Window.partitionBy(USER_ID).orderBy(F.col(TS).asc(), F.col(ITEM_ID).asc())
+    return (reviews.select(USER_ID, ITEM_ID, TS)
+            .join(splits.select(USER_ID, ITEM_ID, SPLIT), [USER_ID, ITEM_ID], "left")
+            .withColumn(SPLIT, F.coalesce(F.col(SPLIT), F.lit(OUTSIDE_CORE)))
+            .withColumn("seq", F.row_number().over(by_time))
+            .select(USER_ID, ITEM_ID, TS, "seq", SPLIT))

@@ -116,9 +116,7 @@ class LLMRunner:
         self.run_id = run_id or uuid.uuid4().hex[:12]
 
     def journal_dir(self, task: str) -> str:
-        llm = self.cfg.llm
-        root = self.cfg.resolve_path(llm.journal_dir) if llm.journal_dir else self.cfg.work_dir("llm_journal")
-        return os.path.join(root, task)
+        return os.path.join(self.cfg.work_dir("llm_journal"), task)
 
     # -- driver side ------------------------------------------------------------------------
     def run(self, task: LLMTask, requests: DataFrame) -> LLMRunStats:

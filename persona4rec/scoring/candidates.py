@@ -2,8 +2,16 @@
 
 Generators (`candidates.generators`): `als` — Spark MLlib ALS with implicit feedback; `bpr` —
 BPR-MF (Rendle et al., 2009), the paper's generator, in numpy on the driver (interactions of a
-batch recommender fit in driver memory well past the sizes here). Both train on the training
-split only, so evaluation on validation/test is honest.
+batch recommender fit in driver memory well past the sizes here).
+
+What they learn from depends on `mode` (see README "Modes"):
+* production (the nightly e-mails): every interaction ingest kept — the k-core and beyond — and
+  every item a user ever interacted with is excluded. Every user with a kept review gets
+  candidates: a user the generator has no factors for gets the most popular items they never
+  interacted with (`source = popular`).
+* evaluation (leave-one-out): the training split only, training items excluded, so evaluation on
+  validation/test is honest.
+Rows are written under their mode, so the nightly job and an evaluation never overwrite each other.
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ from pyspark.ml.recommendation import ALS
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from persona4rec.config import Config
-from persona4rec.schemas import CANDIDATES, ITEM_ID, SPLIT, TRAIN, USER_ID
+from persona4rec.config import PRODUCTION, Config
+from persona4rec.schemas import CANDIDATES, FROM_MODEL, FROM_POPULAR, ITEM_ID, REVIEWS, SPLIT, SPLITS, TRAIN, USER_ID
 from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -107,22 +115,69 @@ def bpr_candidates(spark: SparkSession, train: DataFrame, n: int, dim: int, epoc
             for rank, j in enumerate(order, start=1):
                 if np.isfinite(scores[r, j]):
                     rows.append(("bpr", users[s + r], items[j], float(scores[r, j]), rank))
-    return spark.createDataFrame(rows, CANDIDATES.schema)
+    return spark.createDataFrame(rows, "generator string, user_id string, item_id string, cf_score double, "
+                                       "cf_rank int")
+
+
+def training_interactions(store: TableStore, mode: str) -> DataFrame:
+    """user_id, item_id pairs the generators learn from and treat as seen: every kept review in
+    production, the training split in evaluation."""
+    if mode == PRODUCTION:
+        return store.read(REVIEWS.name).select(USER_ID, ITEM_ID)
+    return store.read(SPLITS.name).filter(F.col(SPLIT) == TRAIN).select(USER_ID, ITEM_ID)
+
+
+def popular_fallback(found: DataFrame, interactions: DataFrame, n: int) -> DataFrame:
+    """user_id, item_id, cf_score (interacting users), cf_rank for every user of `interactions`
+    that has no row in `found`: the n most popular items (ties by item id) they never interacted with.
+
+    Those users are few (a generator trained on every kept interaction has factors for each of
+    them), so the pool is only the top n + (their longest history) items, crossed with them alone."""
+    users = interactions.select(USER_ID).distinct().join(found.select(USER_ID).distinct(), USER_ID, "left_anti")
+    theirs = interactions.join(users, USER_ID, "left_semi")
+    longest = theirs.groupBy(USER_ID).count().agg(F.max("count")).first()[0]
+    if not longest:
+        return interactions.sparkSession.createDataFrame([], "user_id string, item_id string, cf_score double, "
+                                                             "cf_rank int")
+    popularity = interactions.groupBy(ITEM_ID).agg(F.count("*").cast("double").alias("cf_score"))
+    pool = popularity.orderBy(F.col("cf_score").desc(), ITEM_ID).limit(n + int(longest))
+    unseen = users.crossJoin(F.broadcast(pool)).join(theirs, [USER_ID, ITEM_ID], "left_anti")
+    w = Window.partitionBy(USER_ID).orderBy(F.col("cf_score").desc(), ITEM_ID)
+    return unseen.withColumn("cf_rank", F.row_number().over(w)).filter(F.col("cf_rank") <= n) \
+        .select(USER_ID, ITEM_ID, "cf_score", "cf_rank")
+
+
+def generate(spark: SparkSession, cfg: Config, generator: str, interactions: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Candidate rows (CANDIDATES columns) of one generator for cfg.mode, and the generator's own
+    rows, persisted (read by the fallback and the write): unpersist them after writing."""
+    c = cfg.candidates
+    if generator == "als":
+        found = als_candidates(spark, interactions, c.top_n, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations,
+                               c.seed, cfg.work_dir("checkpoints"))
+    else:
+        found = bpr_candidates(spark, interactions, c.top_n, c.bpr_dim, c.bpr_epochs, c.bpr_lr, c.bpr_reg, c.seed)
+    found = found.select(USER_ID, ITEM_ID, "cf_score", "cf_rank", F.lit(FROM_MODEL).alias("source")).persist()
+    rows = found
+    if cfg.mode == PRODUCTION:
+        rows = rows.unionByName(popular_fallback(found, interactions, c.top_n).withColumn("source",
+                                                                                        F.lit(FROM_POPULAR)))
+    return rows.select(F.lit(cfg.mode).alias("mode"), F.lit(generator).alias("generator"), "*"), found
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
     store = TableStore(spark, cfg)
-    c = cfg.candidates
-    train = store.read("splits").filter(F.col(SPLIT) == TRAIN).select(USER_ID, ITEM_ID).persist()
-    out = {}
-    for gen in c.generators:
-        if gen == "als":
-            df = als_candidates(spark, train, c.top_n, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations, c.seed,
-                                cfg.work_dir("checkpoints"))
-        else:
-            df = bpr_candidates(spark, train, c.top_n, c.bpr_dim, c.bpr_epochs, c.bpr_lr, c.bpr_reg, c.seed)
-        w = store.upsert(df, CANDIDATES, delete_missing=True, delete_missing_condition=f"t.generator = '{gen}'")
-        out[gen] = {"version": w.version, **w.metrics}
-        log.info("candidates %s: top-%d per user written", gen, c.top_n)
-    train.unpersist()
+    interactions = training_interactions(store, cfg.mode).persist()
+    out: dict = {"mode": cfg.mode}
+    for gen in cfg.candidates.generators:
+        df, found = generate(spark, cfg, gen, interactions)
+        w = store.upsert(df, CANDIDATES, delete_missing=True,
+                         delete_missing_condition=f"t.mode = '{cfg.mode}' AND t.generator = '{gen}'")
+        found.unpersist()
+        written = store.read(CANDIDATES.name).filter((F.col("mode") == cfg.mode) & (F.col("generator") == gen))
+        users = {r["source"]: int(r["users"]) for r in
+                 written.groupBy("source").agg(F.countDistinct(USER_ID).alias("users")).collect()}
+        out[gen] = {"version": w.version, **w.metrics, "users": users}
+        log.info("candidates %s (%s mode): top-%d per user written; users by source %s", gen, cfg.mode,
+                 cfg.candidates.top_n, users)
+    interactions.unpersist()
     return out

@@ -41,7 +41,7 @@ def resolve_encoder(cfg: Config) -> EncoderRef:
         log.warning("no @%s for %s at %s: scoring with the un-tuned encoder %s", CHAMPION,
                     cfg.mlflow.registered_model, cfg.tracking_uri(), cfg.train.base_model)
         return untuned_encoder(cfg)
-    folder = os.path.join(cfg.resolve_path(cfg.storage.root), "_models", f"{cfg.mlflow.registered_model}-v{version}")
+    folder = os.path.join(cfg.work_dir("models"), f"{cfg.mlflow.registered_model}-v{version}")
     if not os.path.isdir(folder):
         model, _ = load_alias(cfg, CHAMPION)
         model.save(folder)

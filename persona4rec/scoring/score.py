@@ -4,8 +4,15 @@ Per user: the user vector is the γ-decayed mean of the last k cached interactio
 (newest weight 1, L2-normalised; kept in `user_vectors` and refreshed first, see `users.py`);
 each candidate scores max over its personas of cos(user, persona) (Eq. 10); the final score
 blends it with the CF score on per-user z-scores (α = 1 is the pure rerank); the top K are
-written with the winning persona and an e-mail-safe explanation. Users without history keep the
-CF order with a generic explanation, flagged `has_history=false`.
+written with the winning persona and an e-mail-safe explanation.
+
+Who is scored (`mode`): in production — the nightly e-mails — every user with a kept review, on
+that mode's candidates with every item the user ever interacted with removed; each output row
+says the user's `path` (`cf`: the generator's candidates; `popular`: its cold-user fallback). In
+evaluation, every user with evaluation-mode candidates. The run fails (InputError, exit 1) rather
+than write generic e-mails when a user to score has no candidates or no user vector for the
+index's model version (e.g. build_index stopped before the interaction embeddings), or when
+`scoring.alpha: auto` finds no α chosen for that model version.
 
 Scale: users are processed in Arrow batches inside `mapInArrow` — one row per user carrying its
 candidate list and vector — with the persona matrix and the sanitised explanations broadcast
@@ -27,8 +34,10 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from persona4rec.config import Config
-from persona4rec.schemas import CANDIDATES, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, USER_ID, USER_VECTORS
+from persona4rec.config import PRODUCTION, Config
+from persona4rec.errors import InputError
+from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, REVIEWS,
+                                 USER_ID, USER_VECTORS)
 from persona4rec.scoring.explain import explanation, sanitize
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
 from persona4rec.scoring.users import refresh as refresh_user_vectors
@@ -145,7 +154,8 @@ def candidate_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, dict, np.ndarra
 
 
 def score_arrow_batch(batch: pa.RecordBatch, index: ScoringIndex, alpha: float, top_k: int) -> pa.RecordBatch:
-    """One Arrow batch of users (user_id, vector, cands list<item_id, row, cf_score, cf_rank>) → top-K rows."""
+    """One Arrow batch of users (user_id, source, vector, cands list<item_id, row, cf_score, cf_rank>)
+    → top-K rows; `path` is the user's candidate source."""
     pm = index.pm
     users, has = vector_matrix(batch, pm.vectors.shape[2])
     counts, fields, rows, cf, cf_rank = candidate_arrays(batch)
@@ -163,15 +173,16 @@ def score_arrow_batch(batch: pa.RecordBatch, index: ScoringIndex, alpha: float, 
         index.persona_name.take(slot),
         index.explanation.take(slot).fill_null(GENERIC_EXPLANATION),
         pa.array(has[r.user], pa.bool_()),
+        batch.column("source").take(pa.array(r.user)).cast(pa.string()),
     ], schema=OUTPUT_ARROW)
 
 
 OUTPUT_ARROW = pa.schema([
     (USER_ID, pa.string()), ("rank", pa.int32()), (ITEM_ID, pa.string()), ("score", pa.float64()),
     ("persona_score", pa.float64()), ("cf_rank", pa.int32()), ("persona_id", pa.string()),
-    ("persona_name", pa.string()), ("explanation", pa.string()), ("has_history", pa.bool_())])
+    ("persona_name", pa.string()), ("explanation", pa.string()), ("has_history", pa.bool_()), ("path", pa.string())])
 OUTPUT_DDL = ("user_id string, rank int, item_id string, score double, persona_score double, cf_rank int, "
-              "persona_id string, persona_name string, explanation string, has_history boolean")
+              "persona_id string, persona_name string, explanation string, has_history boolean, path string")
 
 
 def scoring_index(index: DataFrame, max_chars: int) -> ScoringIndex:
@@ -180,25 +191,28 @@ def scoring_index(index: DataFrame, max_chars: int) -> ScoringIndex:
 
 
 def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex,
-                    extra: tuple[str, ...] = ()) -> DataFrame:
+                    extra: tuple[str, ...] = (), per_user: tuple[str, ...] = ()) -> DataFrame:
     """user_id, cands: each user's candidates with the persona-matrix row of the item (-1: not
-    indexed), plus any `extra` candidate columns."""
+    indexed), plus any `extra` candidate columns; `per_user` columns (one value per user, such
+    as the candidate source) come along as plain columns."""
     items = spark.createDataFrame(pd.DataFrame({ITEM_ID: list(si.pm.item_index),
                                                 "row": np.fromiter(si.pm.item_index.values(), np.int32)}))
     joined = candidates.join(F.broadcast(items), ITEM_ID, "left").withColumn("row", F.coalesce("row", F.lit(-1)))
     return joined.groupBy(USER_ID).agg(
+        *[F.max(c).alias(c) for c in per_user],
         F.collect_list(F.struct(ITEM_ID, "row", "cf_score", "cf_rank", *extra)).alias("cands"))
 
 
 def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame, cfg: Config,
               model_version: str, run_date: dt.date, generator: str, alpha: float | None = None) -> DataFrame:
-    """candidates (user_id, item_id, cf_score, cf_rank) + user_vectors (user_id, vector) + the
-    persona index → the recommendations rows of every user with candidates. alpha: the blend
-    weight (default: scoring.alpha, which must then be a number)."""
+    """candidates (user_id, item_id, cf_score, cf_rank, source) + user_vectors (user_id, vector) +
+    the persona index → the recommendations rows of every user with candidates, in cfg.mode.
+    alpha: the blend weight (default: scoring.alpha, which must then be a number)."""
     sc = cfg.scoring
     si = scoring_index(index, sc.explanation_max_chars)
     bc = spark.sparkContext.broadcast(si)
-    users = user_candidates(spark, candidates, si).join(user_vectors.select(USER_ID, "vector"), USER_ID, "left")
+    users = user_candidates(spark, candidates, si, per_user=("source",)).join(
+        user_vectors.select(USER_ID, "vector"), USER_ID, "left")
     alpha, top_k = float(sc.alpha if alpha is None else alpha), sc.top_k
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -207,45 +221,86 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
             yield score_arrow_batch(batch, si_, alpha, top_k)
 
     return users.mapInArrow(score, OUTPUT_DDL).select(
-        F.lit(run_date).alias("run_date"), F.lit(generator).alias("generator"),
+        F.lit(run_date).alias("run_date"), F.lit(cfg.mode).alias("mode"), F.lit(generator).alias("generator"),
         F.lit(model_version).alias("model_version"), "*")
 
 
 def resolve_alpha(cfg: Config, model_version: str, generator: str) -> float:
     """scoring.alpha, or for `auto` the α the evaluate job chose on validation for this model
-    version and generator (1.0, the pure rerank, until one was chosen — said in the log)."""
+    version and generator. With none chosen the run fails: α = 1 (the pure rerank) is below the
+    generator on our own quality table, so a silent fall-back would send worse e-mails."""
     if cfg.scoring.alpha != "auto":
         return float(cfg.scoring.alpha)
     from persona4rec.training.registry import blend_alpha  # MLflow only on the driver, only when asked
 
     chosen = blend_alpha(cfg, model_version, generator)
     if chosen is None:
-        log.warning("scoring.alpha = auto, but no α was chosen for model %s and generator %s yet (run the "
-                    "evaluate job): using 1.0, the pure persona rerank", model_version, generator)
-        return 1.0
+        raise InputError(
+            f"scoring.alpha is auto, but model version {model_version} of {cfg.mlflow.registered_model} has no "
+            f"α chosen for generator {generator} (tag blend_alpha_{generator}): run the evaluate job for this "
+            f"model (it chooses α on validation and tags the version), or set scoring.alpha to a number")
     log.info("scoring.alpha = auto: %.2f, chosen on validation for model %s / %s", chosen, model_version, generator)
     return chosen
 
 
+def scored_users(store: TableStore, cfg: Config, candidates: DataFrame) -> DataFrame:
+    """user_id of everyone who must get recommendations: in production every user with a kept
+    review, in evaluation every user with candidates."""
+    if cfg.mode == PRODUCTION:
+        return store.read(REVIEWS.name).select(USER_ID).distinct()
+    return candidates.select(USER_ID).distinct()
+
+
+def require_coverage(users: DataFrame, have: DataFrame, what: str, fix: str) -> None:
+    """Fail, naming a few users, when some of `users` have no row in `have` (user_id)."""
+    missing = users.join(have.select(USER_ID).distinct(), USER_ID, "left_anti")
+    n = missing.count()
+    if n:
+        some = sorted(r[0] for r in missing.limit(5).collect())
+        raise InputError(f"{n} user(s) to score have no {what} (e.g. {some}): {fix}")
+
+
 def run(spark: SparkSession, cfg: Config) -> dict:
     store = TableStore(spark, cfg)
-    sc = cfg.scoring
+    sc, mode = cfg.scoring, cfg.mode
     run_date = dt.date.fromisoformat(sc.run_date) if sc.run_date else dt.datetime.now(dt.timezone.utc).date()
     index = store.read(PERSONA_INDEX.name)
     versions = [r[0] for r in index.select("model_version").distinct().collect()]
     if len(versions) != 1:
-        raise ValueError(f"persona_index holds model versions {versions}: run build_index first")
-    refreshed = refresh_user_vectors(store, versions[0], sc.history_splits, cfg.profile.k, cfg.profile.gamma)
-    vectors = store.read(USER_VECTORS.name).filter(F.col("model_version") == versions[0])
-    candidates = store.read(CANDIDATES.name).filter(F.col("generator") == sc.generator)
-    alpha = resolve_alpha(cfg, versions[0], sc.generator)
-    recs = recommend(spark, candidates, vectors, index, cfg, versions[0], run_date, sc.generator, alpha)
-    w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND generator = '{sc.generator}'")
+        raise InputError(f"persona_index holds model versions {versions}: run build_index first")
+    version = versions[0]
+    alpha = resolve_alpha(cfg, version, sc.generator)  # before any heavy work: a missing α fails at once
+    candidates = store.read(CANDIDATES.name).filter((F.col("mode") == mode) & (F.col("generator") == sc.generator))
+    if mode == PRODUCTION:
+        # Defence in depth: nothing a customer ever interacted with is recommended, even from stale candidates.
+        candidates = candidates.join(store.read(REVIEWS.name).select(USER_ID, ITEM_ID), [USER_ID, ITEM_ID],
+                                     "left_anti")
+    candidates = candidates.persist()
+    users = scored_users(store, cfg, candidates).persist()
+    require_coverage(users, candidates, f"{mode}-mode candidates of generator {sc.generator}",
+                     f"run generate_candidates with mode={mode} (after ingest) before score_users")
+    embedded = store.read(INTERACTION_EMBEDDINGS.name).filter(F.col("model_version") == version).limit(1).count()
+    if not embedded:
+        held = [r[0] for r in store.read(INTERACTION_EMBEDDINGS.name).select("model_version").distinct().collect()]
+        raise InputError(f"interaction_embeddings has no rows of model version {version} (the persona_index's; "
+                         f"it holds {held}): build_index did not finish for this model — rerun build_index")
+    refreshed = refresh_user_vectors(store, version, None if mode == PRODUCTION else sc.history_splits,
+                                     cfg.profile.k, cfg.profile.gamma)
+    vectors = store.read(USER_VECTORS.name).filter(F.col("model_version") == version)
+    require_coverage(users, vectors, f"user vector for model version {version} (no interaction_embeddings rows of "
+                     f"that version for them)", "rerun build_index, then score_users")
+    recs = recommend(spark, candidates, vectors, index, cfg, version, run_date, sc.generator, alpha)
+    w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND mode = '{mode}' "
+                                                   f"AND generator = '{sc.generator}'")
+    candidates.unpersist()
+    users.unpersist()
     written = store.read(RECOMMENDATIONS.name).filter(
-        (F.col("run_date") == F.lit(run_date)) & (F.col("generator") == sc.generator))
-    stats = written.agg(F.countDistinct(USER_ID), F.count("*"), F.sum(F.col("has_history").cast("int"))).first()
-    log.info("recommendations %s (%s, model %s): %d users, %d rows", run_date, sc.generator, versions[0],
-             stats[0], stats[1])
-    return {"run_date": run_date.isoformat(), "generator": sc.generator, "model_version": versions[0],
-            "users": int(stats[0]), "rows": int(stats[1]), "delta_version": w.version,
+        (F.col("run_date") == F.lit(run_date)) & (F.col("mode") == mode) & (F.col("generator") == sc.generator))
+    stats = written.agg(F.countDistinct(USER_ID), F.count("*")).first()
+    paths = {r["path"]: int(r["users"]) for r in
+             written.groupBy("path").agg(F.countDistinct(USER_ID).alias("users")).collect()}
+    log.info("recommendations %s (%s mode, %s, model %s): %d users, %d rows, users by path %s", run_date, mode,
+             sc.generator, version, stats[0], stats[1], paths)
+    return {"run_date": run_date.isoformat(), "mode": mode, "generator": sc.generator, "model_version": version,
+            "users": int(stats[0]), "rows": int(stats[1]), "users_by_path": paths, "delta_version": w.version,
             "user_vectors_recomputed": refreshed["recomputed"], "alpha": alpha}

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from persona4rec.schemas import INTERACTION_EMBEDDINGS, ITEM_ID, SPLIT, TS, USER_ID, USER_VECTORS
+from persona4rec.schemas import ALL_HISTORY, INTERACTION_EMBEDDINGS, ITEM_ID, SPLIT, TS, USER_ID, USER_VECTORS
 from persona4rec.scoring.rank import decayed_user_vectors, segments
 from persona4rec.tables import TableStore
 
@@ -75,34 +75,34 @@ def compute_user_vectors(history: DataFrame, k: int, gamma: float) -> DataFrame:
     return ordered.mapInArrow(per_partition, "user_id string, vector array<float>")
 
 
-def refresh(store: TableStore, model_version: str, splits: tuple[str, ...], k: int, gamma: float) -> dict:
-    """Bring `user_vectors` up to date with `interaction_embeddings` for this model version."""
-    rows = store.read(INTERACTION_EMBEDDINGS.name).filter(
-        (F.col("model_version") == model_version) & F.col(SPLIT).isin(*splits))
-    split_key = ",".join(sorted(splits))
+def refresh(store: TableStore, model_version: str, splits: tuple[str, ...] | None, k: int, gamma: float) -> dict:
+    """Bring `user_vectors` up to date with `interaction_embeddings` for this model version.
+
+    splits None = every kept interaction (production), else only those splits (evaluation). A
+    vector is recomputed when anything it depends on changed: the model version, the history
+    (its rows, order and texts), which interactions count as history, k or γ."""
+    rows = store.read(INTERACTION_EMBEDDINGS.name).filter(F.col("model_version") == model_version)
+    if splits is not None:
+        rows = rows.filter(F.col(SPLIT).isin(*splits))
+    split_key = ALL_HISTORY if splits is None else ",".join(sorted(splits))
     signature = rows.groupBy(USER_ID).agg(
         F.count("*").cast("int").alias("n_history"),
         F.bit_xor(F.xxhash64(ITEM_ID, TS, "seq", "text_hash")).alias("history_signature")).select(
         USER_ID, F.lit(model_version).alias("model_version"), F.lit(split_key).alias("history_splits"),
-        "n_history", "history_signature").persist()
-    stale = signature
-    if store.exists(USER_VECTORS.name):
-        current = store.read(USER_VECTORS.name).select(USER_ID, "model_version", "history_splits", "n_history",
-                                                       "history_signature")
-        stale = signature.join(current, signature.columns, "left_anti")
-    stale = stale.persist()
+        "n_history", "history_signature", F.lit(k).alias("k"), F.lit(float(gamma)).alias("gamma")).persist()
+    store.ensure(USER_VECTORS)  # and fail clearly on a table from an older version
+    current = store.read(USER_VECTORS.name).select(*signature.columns)
+    stale = signature.join(current, signature.columns, "left_anti").persist()
     n = stale.count()
     if n:
         todo = rows.join(stale.select(USER_ID), USER_ID, "left_semi")
         store.upsert(compute_user_vectors(todo, k, gamma).join(stale, USER_ID), USER_VECTORS)
     stale.unpersist()
     # A user left with no history in these splits keeps no stale vector.
-    removed = 0
-    if store.exists(USER_VECTORS.name):
-        gone = store.read(USER_VECTORS.name).join(signature.select(USER_ID), USER_ID, "left_anti")
-        removed = gone.count()
-        if removed:
-            store.delete_keys(USER_VECTORS, gone.select(USER_ID))
+    gone = store.read(USER_VECTORS.name).join(signature.select(USER_ID), USER_ID, "left_anti")
+    removed = gone.count()
+    if removed:
+        store.delete_keys(USER_VECTORS, gone.select(USER_ID))
     signature.unpersist()
     log.info("user_vectors (model %s, splits %s): %d recomputed, %d removed", model_version, split_key, n, removed)
     return {"recomputed": n, "removed": removed}
