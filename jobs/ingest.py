@@ -4,7 +4,7 @@
 """
 
 from persona4rec.cli import run_job
-from persona4rec.ingest.job import run
+from persona4rec.ingest.job import check_inputs, run
 
 if __name__ == "__main__":
-    run_job(__doc__, run)
+    run_job(__doc__, run, preflight=check_inputs)

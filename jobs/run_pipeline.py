@@ -4,7 +4,8 @@
 """
 
 from persona4rec.cli import run_job
+from persona4rec.ingest.job import check_inputs
 from persona4rec.pipeline import run
 
 if __name__ == "__main__":
-    run_job(__doc__, run)
+    run_job(__doc__, run, preflight=check_inputs)

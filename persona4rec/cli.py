@@ -35,10 +35,11 @@ def setup_logging() -> None:
 
 
 def run_job(description: str, run: Callable[[SparkSession, Config], Any],
-            argv: Sequence[str] | None = None) -> Any:
+            argv: Sequence[str] | None = None, preflight: Callable[[Config], Any] | None = None) -> Any:
     """Parse arguments, load config (failing fast on bad keys), start Spark, run, print a summary
     (with the master and shuffle partitions the run had). An InputError ends the job with its
-    message on one line and exit status 1."""
+    message on one line and exit status 1; `preflight(cfg)` checks inputs before Spark starts, so
+    a wrong path fails in a second, not after the session start-up."""
     args = parser(description).parse_args(argv)
     setup_logging()
     try:
@@ -46,10 +47,12 @@ def run_job(description: str, run: Callable[[SparkSession, Config], Any],
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    from persona4rec.spark import describe, get_spark
-
-    spark = get_spark(cfg)
     try:
+        if preflight is not None:
+            preflight(cfg)
+        from persona4rec.spark import describe, get_spark
+
+        spark = get_spark(cfg)
         result = run(spark, cfg)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

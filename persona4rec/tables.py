@@ -113,19 +113,22 @@ class TableStore:
         delete_missing_condition: str | None = None,
         update_condition: str | None = None,
     ) -> WriteResult:
-        """MERGE `df` into the table on `spec.keys`.
+        """MERGE `df` into the table on `spec.keys`, touching only what changes.
 
         Source rows are first conformed to the table schema and de-duplicated on the keys
         (deterministically: the row with the smallest content hash wins, so two runs over the
-        same input keep the same row). Matched rows are updated only when a value differs, so a
-        rerun on unchanged input reports 0 inserted and 0 updated. With `delete_missing`, target
-        rows that the source no longer has are deleted (optionally only those matching
-        `delete_missing_condition`, a SQL predicate on `t.`): the contract for derived tables
-        that are recomputed whole, like the splits. `update_condition` (SQL on `t.`/`s.`) further
+        same input keep the same row). Then the changes are worked out before writing: new keys,
+        rows whose values differ (insert-only columns aside), and, with `delete_missing`, target
+        rows that the source no longer has (optionally only those matching
+        `delete_missing_condition`, a SQL predicate on `t.`: the contract for derived tables that
+        are recomputed whole, like the splits). `update_condition` (SQL on `t.`/`s.`) further
         restricts which matched rows may be updated (the LLM cache never overwrites a success).
+        Only the changes go into the MERGE, so it rewrites only the files that hold them, and a
+        rerun on unchanged input commits no Delta version at all: table versions stay an honest
+        signal of change for whoever reads them incrementally.
         """
-        # Persisted: the source is read twice (key check, MERGE) and may be expensive to
-        # recompute (model inference, file parsing).
+        # Persisted: the source is read twice (changes, MERGE) and may be expensive to recompute
+        # (model inference, file parsing).
         conformed = self._conform(df, spec).persist(StorageLevel.MEMORY_AND_DISK)
         source, dropped = self._dedupe(conformed, spec)
         target = self.ensure(spec)
@@ -135,16 +138,34 @@ class TableStore:
         changed = " OR ".join(_differs(c, spec.schema[c].dataType) for c in value_cols) or "false"
         if update_condition:
             changed = f"({update_condition}) AND ({changed})"
-        merge = (
-            target.alias("t").merge(source.alias("s"), on)
-            .whenMatchedUpdate(condition=changed, set={f"`{c}`": f"s.`{c}`" for c in value_cols})
-            .whenNotMatchedInsert(values={f"`{c}`": f"s.`{c}`" for c in spec.columns})
-        )
+        current = self.read(spec.name, before).alias("t")
+        fresh = source.alias("s").join(current, F.expr(on), "left") \
+            .filter(F.expr(f"t.`{spec.keys[0]}` IS NULL OR ({changed})")) \
+            .select(*[F.col(f"s.`{c}`").alias(c) for c in spec.columns], F.lit("upsert").alias("_op"))
+        changes = fresh
         if delete_missing:
-            merge = merge.whenNotMatchedBySourceDelete(condition=delete_missing_condition)
-        merge.execute()
+            gone = current.join(source.alias("s"), F.expr(on), "left_anti")
+            if delete_missing_condition:
+                gone = gone.filter(F.expr(delete_missing_condition))
+            changes = fresh.unionByName(gone.select(*[F.col(f"t.`{k}`").alias(k) for k in spec.keys],
+                                                    F.lit("delete").alias("_op")), allowMissingColumns=True)
+        changes = changes.persist(StorageLevel.MEMORY_AND_DISK)
+        if changes.isEmpty():
+            log.info("wrote %s: no change, nothing committed (still v%d)", spec.name, before)
+            result = WriteResult(table=spec.name, operation="MERGE (no change)", version=before,
+                                 source_duplicates_dropped=dropped)
+        else:
+            target.alias("t").merge(changes.alias("s"), on) \
+                .whenMatchedDelete(condition="s._op = 'delete'") \
+                .whenMatchedUpdate(condition=f"s._op = 'upsert' AND ({changed})",
+                                   set={f"`{c}`": f"s.`{c}`" for c in value_cols}) \
+                .whenNotMatchedInsert(condition="s._op = 'upsert'",
+                                      values={f"`{c}`": f"s.`{c}`" for c in spec.columns}) \
+                .execute()
+            result = self._result(spec.name, dropped, before, "MERGE")
+        changes.unpersist()
         conformed.unpersist()
-        return self._result(spec.name, dropped, before, "MERGE")
+        return result
 
     def delete_keys(self, spec: TableSpec, keys: DataFrame) -> WriteResult:
         """Delete the rows whose keys appear in `keys` (a DataFrame of the key columns)."""

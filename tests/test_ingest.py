@@ -93,6 +93,50 @@ def test_bad_input_goes_to_rejected_records_and_counts_add_up(spark, tmp_path):
     assert store.read("rejected_records").count() == 10
 
 
+def test_hostile_files_become_rejected_records_and_a_rerun_commits_nothing(spark, tmp_path):
+    """A gzip cut mid-stream beside a valid file, 1e400 timestamps, vote counts past int32, NUL
+    bytes and invalid UTF-8: no crash, every good line kept, each bad one a rejected record."""
+    import gzip
+
+    folder = tmp_path / "in"
+    write_lines(folder / "a.jsonl", dense_amazon(3, 3))
+    body = b"".join(json.dumps(amazon_review(f"T{n}", f"I{n % 3}", 1_300_000_000 + n, "x" * 300)).encode() + b"\n"
+                    for n in range(60))
+    packed = gzip.compress(body)
+    (folder / "b.json.gz").write_bytes(packed[: len(packed) // 2])  # cut mid-stream
+    hostile = [
+        b'{"reviewerID": "H1", "asin": "I0", "overall": 5.0, "unixReviewTime": 1e400, "reviewText": "inf"}',
+        b'{"reviewerID": "H2", "asin": "I0", "overall": 5.0, "unixReviewTime": -1e400, "reviewText": "-inf"}',
+        json.dumps({**amazon_review("H3", "I1", 1_300_000_000), "vote": "3,000,000,000"}).encode(),
+        json.dumps({**amazon_review("H4", "I1", 1_300_000_000), "helpful": [3_000_000_000, 3_000_000_001]}).encode(),
+        b'{"reviewerID": "H5", "asin": "I2", "overall": 5.0, "unixReviewTime": 1300000000, "reviewText": "a\x00b"}',
+        b'\x00\x00{"reviewerID": "H6"}',
+        b'{"reviewerID": "H7", "asin": "I2", "overall": 5.0, "unixReviewTime": 1300000000, "reviewText": "\xff\xfe"}',
+        json.dumps({**amazon_review("H8", "I2", 1_300_000_000), "overall": 10 ** 400}).encode(),
+    ]
+    write_lines(folder / "c.jsonl", hostile)
+    report, store = run_ingest(spark, tmp_path, f"ingest.reviews_path={folder}", "ingest.items_path=null",
+                               "ingest.format=amazon2014", "split.kcore=3")
+    r = report.reviews
+    assert r.read == r.kept + r.rejected + r.duplicates
+    from_gz = store.read("reviews").filter(F.col("user_id").startswith("T")).count()
+    assert 10 < from_gz < 60 and r.kept == 9 + from_gz  # the good lines before the cut are kept
+    rejected = store.read("rejected_records").collect()
+    reasons = {(x.source_file.rsplit("/", 1)[-1], x.source_line): (x.reason, x.field) for x in rejected}
+    assert reasons[("b.json.gz", from_gz + 1)][0] == "truncated_file"
+    assert [x.message for x in rejected if x.reason == "truncated_file"][0].startswith(f"{folder}/b.json.gz cannot")
+    assert {k[1]: v for k, v in reasons.items() if k[0] == "c.jsonl"} == {
+        1: ("out_of_range", "unixReviewTime"), 2: ("out_of_range", "unixReviewTime"),
+        3: ("out_of_range", "vote"), 4: ("out_of_range", "helpful"), 5: ("malformed_json", None),
+        6: ("malformed_json", None), 7: ("undecodable_bytes", None), 8: ("out_of_range", "overall")}
+
+    versions = {t: store.version(t) for t in ("reviews", "items", "splits", "rejected_records")}
+    again, _ = run_ingest(spark, tmp_path, f"ingest.reviews_path={folder}", "ingest.items_path=null",
+                          "ingest.format=amazon2014", "split.kcore=3")
+    assert {t: store.version(t) for t in versions} == versions  # nothing new: no Delta version at all
+    assert all(w["operation"] == "MERGE (no change)" for w in again.writes.values()), again.writes
+
+
 def test_amazon2023_yelp_and_parquet_inputs(spark, tmp_path):
     reviews23 = [{"user_id": f"U{u}", "asin": f"C{i}", "parent_asin": f"P{i}", "rating": 5.0,
                   "timestamp": 1_600_000_000_000 + 1000 * (10 * u + i), "title": "t", "text": "good",
@@ -129,6 +173,18 @@ def test_amazon2014_without_metadata_flags_items(spark, tmp_path):
     assert report.items.read == 0
     assert store.read("items").filter("has_metadata").count() == 0
     assert store.read("items").count() == 3
+
+
+@pytest.mark.integration
+def test_wrong_path_fails_before_spark_starts_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "ingest.py"), "--target", "test",
+                           "--set", f"storage.root={tmp_path / 'wh'}", "--set", f"ingest.reviews_path={tmp_path}/nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    # One line, naming the key and the path; no Spark or JVM output (it never started).
+    assert proc.stderr.strip() == (f"error: ingest.reviews_path='{tmp_path}/nope': no such file or folder; set "
+                                   "ingest.reviews_path to an existing path")
+    assert not (tmp_path / "wh").exists()
 
 
 def test_wrong_path_fails_fast_with_the_key_named(spark, tmp_path):

@@ -77,6 +77,18 @@ def test_client_errors_fail_at_once_and_never_show_the_key():
     assert SECRET not in out.error
 
 
+def test_a_key_across_the_length_cut_leaves_no_fragment():
+    """Redact first, then cut: wherever the key sits relative to the 300-character cut, no piece
+    of it (nor of a bearer token or an sk- key that is not ours) is stored."""
+    c = caller("http://127.0.0.1:9")
+    fragments = {SECRET[i:i + 6] for i in range(len(SECRET) - 5)}
+    for offset in range(270, 305):
+        for leak in (f"Bearer {SECRET}", SECRET, "Authorization: Bearer sk-canary-OTHER-KEY-abcdef0123"):
+            text = c._redact("x" * offset + leak + " and more text after the key")
+            assert len(text) <= 303 and not any(f in text for f in fragments), (offset, text[-40:])
+            assert "canary" not in text and "OTHER-KEY" not in text
+
+
 def test_semantic_check_failure_triggers_a_reask():
     seen = []
 

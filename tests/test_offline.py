@@ -37,12 +37,15 @@ def test_offline_stages_write_valid_tables_and_a_rerun_makes_no_call(spark, tmp_
         ingest.run(spark, cfg)
         first = offline(spark, cfg)
         calls = len(srv.log.requests)
+        store = TableStore(spark, cfg)
+        tables = ("item_summaries", "review_aspects", "item_personas", "llm_calls")
+        versions = {t: store.version(t) for t in tables}
         second = offline(spark, cfg)
         assert len(srv.log.requests) == calls  # the rerun made 0 new calls
     assert [r["llm"]["called"] for r in second] == [0, 0, 0]
     assert [r["llm"]["cached"] for r in second] == [r["llm"]["requested"] for r in first]
+    assert {t: store.version(t) for t in tables} == versions  # ... and committed no Delta version
 
-    store = TableStore(spark, cfg)
     items = store.read("items").select("item_id")
     per_item = store.read("item_personas").groupBy("item_id").count()
     assert items.join(per_item, "item_id", "left_anti").count() == 0  # every item has >= 1 persona

@@ -5,14 +5,30 @@ from pyspark.sql import functions as F
 
 from conftest import make_config
 from persona4rec import pipeline
-from persona4rec.llm.fake_server import FakeLLMServer, schema_responder
+from persona4rec.llm.fake_server import FakeLLMServer, schema_name, schema_responder
 from persona4rec.tables import TableStore
+from test_explain import ATTACKS, LINKISH
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]
 
 
+def obedient_responder(body: dict) -> dict:
+    """Valid replies, except that every persona carries links, addresses and numbers in its name,
+    description and rationale: what an LLM that obeyed injected review text would write."""
+    reply = schema_responder(body)
+    if schema_name(body) == "ItemPersonas":
+        tag = reply["personas"][0]["name"].split()[-1]
+        n = int(tag, 16)
+        for i, p in enumerate(reply["personas"]):
+            attack = ATTACKS[(n + i) % len(ATTACKS)]
+            p["name"] = f"{p['name']} {attack}"[:50]
+            p["description"] = f"{p['description']} {ATTACKS[(n + i + 7) % len(ATTACKS)]}"[:200]
+            p["preference_rationale"] = f"Visit {attack} now. {p['preference_rationale']}"[:200]
+    return reply
+
+
 def test_pipeline_on_the_sample_recommends_candidates_with_persona_explanations(spark, tmp_path, capsys):
-    with FakeLLMServer(schema_responder) as srv:
+    with FakeLLMServer(obedient_responder) as srv:
         cfg = make_config(tmp_path, "llm.provider=openai", f"llm.base_url={srv.base_url}",
                           "llm.requests_per_minute=100000", "llm.concurrency_per_task=4",
                           f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -36,5 +52,11 @@ def test_pipeline_on_the_sample_recommends_candidates_with_persona_explanations(
     personas = store.read("item_personas").select("persona_id", "item_id")
     named = recs.filter("has_history")
     assert named.join(personas, ["persona_id", "item_id"], "left_anti").count() == 0
+    # The hostile persona text reached the index, and not one link reached an e-mail.
+    hostile = [r for r in store.read("item_personas").filter("source = 'llm'").collect()
+               if LINKISH.search(f"{r.name} {r.description} {r.preference_rationale}")]
+    assert hostile
+    shown = recs.select("persona_name", "explanation").collect()
+    assert not [r for r in shown if LINKISH.search(f"{r.persona_name or ''} {r.explanation}")]
     out = capsys.readouterr().out
     assert "A few recommendations:" in out and "recommendations" in out

@@ -13,7 +13,7 @@ from typing import Callable
 
 from persona4rec.ingest.clean import clean_details, clean_list, clean_text
 from persona4rec.ingest.records import (
-    Reason, Rejected, Rules, as_id, as_number, as_text, check_rating, check_ts, optional_bool,
+    Reason, Rejected, Rules, as_id, as_number, as_text, check_count, check_rating, check_ts, optional_bool,
     optional_count, optional_text, required,
 )
 
@@ -44,7 +44,7 @@ def _amazon_helpful(obj: dict) -> int | None:
         return None
     if isinstance(helpful, list) and len(helpful) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in helpful):
-        return helpful[0]
+        return check_count(helpful[0], "helpful")
     raise Rejected(Reason.WRONG_TYPE, "helpful", f"'helpful' must be [helpful, total], got {helpful!r}")
 
 

@@ -56,6 +56,14 @@ class IngestReport:
         return asdict(self)
 
 
+def check_inputs(cfg: Config) -> None:
+    """Fail at once, naming the key and the path, when an input path has no data files (run
+    before Spark starts)."""
+    list_input_files(cfg.resolve_path(cfg.ingest.reviews_path), "ingest.reviews_path")
+    if cfg.ingest.items_path:
+        list_input_files(cfg.resolve_path(cfg.ingest.items_path), "ingest.items_path")
+
+
 def parse_reviews(spark: SparkSession, cfg: Config) -> DataFrame:
     ing = cfg.ingest
     files = list_input_files(cfg.resolve_path(ing.reviews_path), "ingest.reviews_path")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+import zlib
 from typing import Callable, Iterable, Iterator
 
 import pandas as pd
@@ -75,8 +76,16 @@ def input_type_of(files: list[str], configured: str, key: str) -> str:
     return kinds.pop()
 
 
+class UnreadableRest:
+    """Stands in for the rest of a file that cannot be read (a gzip stream cut short or
+    corrupt): one rejected record, after every good line before the break was kept."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 def parse_records(
-    records: Iterable[tuple[str, int | None, bytes | str]],
+    records: Iterable[tuple[str, int | None, bytes | str | UnreadableRest]],
     parse: Callable[[dict], dict],
     fmt: str,
 ) -> Iterator[dict]:
@@ -84,6 +93,10 @@ def parse_records(
     for source_file, source_line, raw in records:
         row = {"source_format": fmt, "source_file": source_file, "source_line": source_line,
                "_reason": None, "_field": None, "_message": None, "_raw": None}
+        if isinstance(raw, UnreadableRest):
+            row.update(_reason=Reason.TRUNCATED_FILE.value, _message=raw.message)
+            yield row
+            continue
         text = raw
         try:
             if isinstance(raw, bytes):
@@ -93,21 +106,32 @@ def parse_records(
                     text = raw.decode("utf-8", errors="backslashreplace")
                     raise Rejected(Reason.UNDECODABLE, None,
                                    f"bytes {exc.start}-{exc.end} are not valid UTF-8: {exc.reason}") from None
-            row.update(parse(decode_object(text, fmt)))
+            try:
+                row.update(parse(decode_object(text, fmt)))
+            except (OverflowError, ValueError, TypeError) as exc:  # a value no rule foresaw: this record only
+                reason = Reason.OUT_OF_RANGE if isinstance(exc, OverflowError) else Reason.WRONG_TYPE
+                raise Rejected(reason, None, f"{type(exc).__name__}: {str(exc)[:200]}") from None
         except Rejected as rej:
             row.update(_reason=rej.reason.value, _field=rej.field, _message=rej.message, _raw=text)
         yield row
 
 
-def _file_lines(path: str) -> Iterator[tuple[str, int, bytes]]:
+def _file_lines(path: str) -> Iterator[tuple[str, int, bytes | UnreadableRest]]:
+    """Non-blank lines with their 1-based numbers. A compressed stream that ends early or breaks
+    yields the lines before the break, then one UnreadableRest: the file's good lines and the
+    run's other files are kept, and the loss is a rejected record, not a failed job."""
     opener = gzip.open if path.lower().endswith(".gz") else open
+    n = 0
     with opener(path, "rb") as fh:
-        for n, line in enumerate(fh, start=1):
-            line = line.rstrip(b"\r\n")
-            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            if line.strip():  # blank lines are not records
-                yield path, n, line
+        try:
+            for n, line in enumerate(fh, start=1):
+                line = line.rstrip(b"\r\n")
+                if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                if line.strip():  # blank lines are not records
+                    yield path, n, line
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            yield path, n + 1, UnreadableRest(f"{path} cannot be read past line {n}: {type(exc).__name__}: {exc}")
 
 
 def _batched(rows: Iterator[dict], columns: list[str], size: int) -> Iterator[pd.DataFrame]:

@@ -16,6 +16,10 @@ class Reason(str, Enum):
     EMPTY_TEXT = "empty_text"
     OUT_OF_RANGE = "out_of_range"
     FUTURE_TIMESTAMP = "future_timestamp"
+    TRUNCATED_FILE = "truncated_file"  # a compressed file that ends or breaks mid-stream
+
+
+MAX_COUNT = 2**31 - 1  # helpful votes are an int column
 
 
 class Rejected(Exception):
@@ -54,9 +58,17 @@ def as_id(obj: dict, field: str) -> str:
 
 def as_number(obj: dict, field: str) -> float:
     value = required(obj, field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a number, got {str(value)[:40]!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if math.isnan(number):
+        raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a number, got NaN")
+    if not math.isfinite(number):
+        raise Rejected(Reason.OUT_OF_RANGE, field, f"'{field}' is not a finite number (got {str(value)[:40]})")
+    return number
 
 
 def as_text(obj: dict, field: str) -> str:
@@ -87,12 +99,19 @@ def optional_count(obj: dict, field: str) -> int | None:
         raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a count, got {value!r}")
     if isinstance(value, str):
         digits = value.replace(",", "").strip()
-        if not digits.isdigit():
-            raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a count, got {value!r}")
-        return int(digits)
+        if not (digits.isascii() and digits.isdigit()):
+            raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a count, got {value[:40]!r}")
+        return check_count(int(digits), field)
     if isinstance(value, int) and value >= 0:
-        return value
-    raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a non-negative count, got {value!r}")
+        return check_count(value, field)
+    raise Rejected(Reason.WRONG_TYPE, field, f"'{field}' must be a non-negative count, got {str(value)[:40]}")
+
+
+def check_count(value: int, field: str) -> int:
+    if value > MAX_COUNT:
+        raise Rejected(Reason.OUT_OF_RANGE, field, f"'{field}'={str(value)[:40]} is above the largest count "
+                                                   f"kept ({MAX_COUNT})")
+    return value
 
 
 def optional_bool(obj: dict, field: str) -> bool | None:
@@ -113,5 +132,7 @@ def check_ts(ts: int, field: str, rules: Rules) -> int:
     if ts <= 0:
         raise Rejected(Reason.OUT_OF_RANGE, field, f"'{field}' gives a non-positive time {ts}")
     if ts > rules.max_ts:
-        raise Rejected(Reason.FUTURE_TIMESTAMP, field, f"'{field}' gives {ts}, later than now ({rules.max_ts})")
+        # No clock time in the message: a rerun must write the same rejected record.
+        raise Rejected(Reason.FUTURE_TIMESTAMP, field,
+                       f"'{field}' gives {ts}, later than the time of ingest plus ingest.max_clock_skew_s")
     return ts

@@ -25,6 +25,10 @@ from persona4rec.llm.ratelimit import RateLimiter
 
 SUCCEEDED, FAILED = "succeeded", "failed"
 _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.IGNORECASE)
+ERROR_CHARS = 300  # of an error message kept in llm_calls
+# Shapes of credentials that may appear in a provider's error text (not only our own key).
+_SECRET_SHAPES = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+|\b(?:sk|rk|pk)-[A-Za-z0-9_-]{8,}"
+                            r"|\b(?:api[-_]?key|authorization)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9._~+/=-]{8,}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class StructuredCaller:
                 return CallOutcome(SUCCEEDED, obj.model_dump_json(), raw, None, attempts, tokens_in,
                                    tokens_out, int((time.monotonic() - started) * 1000))
             except (ValueError, ValidationError) as exc:
-                error = f"invalid reply: {_short(exc)}"
+                error = self._redact(f"invalid reply: {exc}")
                 if reasks >= s.max_reasks:
                     break
                 reasks += 1
@@ -141,7 +145,7 @@ class StructuredCaller:
                     {"role": "assistant", "content": (raw or "")[:2000]},
                     {"role": "user", "content": f"That reply was invalid: {_short(exc)}. "
                                                 "Reply again with only the JSON object, matching the schema."}]
-        return CallOutcome(FAILED, None, raw, self._redact(error), attempts, tokens_in, tokens_out,
+        return CallOutcome(FAILED, None, raw, error, attempts, tokens_in, tokens_out,
                            int((time.monotonic() - started) * 1000))
 
     def _backoff(self, failures: int, exc: Exception) -> float:
@@ -155,12 +159,18 @@ class StructuredCaller:
 
     def _describe(self, exc: Exception) -> str:
         code = getattr(exc, "status_code", None)
-        return self._redact(f"{type(exc).__name__}{f' {code}' if code else ''}: {_short(exc)}")
+        return self._redact(f"{type(exc).__name__}{f' {code}' if code else ''}: {exc}")
 
-    def _redact(self, text: str | None) -> str | None:
-        if text and self._secret:
+    def _redact(self, text: str | None, limit: int = ERROR_CHARS) -> str | None:
+        """Secrets out first, then the length cut: a key that straddled the cut would otherwise
+        survive as a fragment. Removes the configured key and anything shaped like a bearer
+        token or an `sk-…` key."""
+        if not text:
+            return text
+        if self._secret:
             text = text.replace(self._secret, "***")
-        return text
+        text = _SECRET_SHAPES.sub("***", text)
+        return _cut(text, limit)
 
 
 def _retry_after_s(exc: Exception) -> float | None:
@@ -183,6 +193,12 @@ def _retry_after_s(exc: Exception) -> float | None:
             return None
 
 
-def _short(exc: Exception, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+def _cut(text: str, limit: int) -> str:
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(exc: Exception, limit: int = ERROR_CHARS) -> str:
+    """An exception's text on one line, bounded (for the re-ask message; stored errors go
+    through _redact, which cuts after redacting)."""
+    return _cut(str(exc), limit)

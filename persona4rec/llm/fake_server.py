@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ Fault = str  # "401", "429", "500", "timeout", "malformed", "schema"
 class ServerLog:
     requests: list[tuple[float, str]] = field(default_factory=list)  # (time, request hash)
     delivered: Counter = field(default_factory=Counter)  # request hash → 200 replies sent
+    paid: Counter = field(default_factory=Counter)  # request hash → valid replies sent (what a provider bills)
     faults: Counter = field(default_factory=Counter)
     auth_headers: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -39,6 +41,13 @@ def request_hash(body: dict) -> str:
 def schema_name(body: dict) -> str | None:
     fmt = body.get("response_format") or {}
     return (fmt.get("json_schema") or {}).get("name")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client that went away (a killed job) is part of the test, not an error to print."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class FakeLLMServer:
@@ -108,6 +117,8 @@ class FakeLLMServer:
                               "total_tokens": 0}})
                 with server.log.lock:
                     server.log.delivered[h] += 1
+                    if fault is None:
+                        server.log.paid[h] += 1
 
             def _send(self, code: int, payload: dict, headers: dict | None = None):
                 data = json.dumps(payload).encode()
@@ -122,7 +133,7 @@ class FakeLLMServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 

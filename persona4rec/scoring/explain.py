@@ -1,37 +1,93 @@
 """Explanations that are safe to put in an e-mail.
 
-Persona text comes from an LLM that read user reviews: it can carry markup, links, e-mail
-addresses or phone numbers copied from a review. None of that may reach a customer's inbox, so
-the explanation is rebuilt as plain text with those removed, and bounded in length.
+Persona text comes from an LLM that read user reviews: a review can instruct it, and it can carry
+markup, links, e-mail addresses or phone numbers. None of that may reach a customer's inbox, so
+names and explanations are rebuilt as plain text and bounded in length.
+
+Order matters, because every step can create what an earlier one removed: entities are decoded
+and tags stripped until nothing changes (`evil&lt;b&gt;.com` is a domain only once the tag is
+gone), Unicode is folded (NFKC, zero-width and other invisible characters dropped, look-alike
+dots made dots), spacing around punctuation is normalised (`http ://` becomes `http://`), and only
+then is anything shaped like a URL, a domain of any ending, an e-mail address or a phone number
+removed. The whole pass repeats until its output is stable (a fixed point), so no removal can
+join the pieces of another link.
 """
 
 from __future__ import annotations
 
 import html
 import re
+import unicodedata
 
 _TAG = re.compile(r"<[^>]*(?:>|$)", re.DOTALL)
-_URL = re.compile(r"(?i)\b(?:(?:https?|ftp)://|www\.)\S+|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|net|org|io|co|info|biz|de|uk|ru|cn|ly|me)\b(?:/\S*)?")
-_EMAIL = re.compile(r"(?i)\b[a-z0-9._%+-]+(?:@|\s*\[at\]\s*)[a-z0-9.-]+\.[a-z]{2,}\b")
+# Characters with no visible width (zero-width space/joiners, word joiner, BOM, soft hyphen, bidi
+# controls): they hide a link from a pattern without hiding it from a reader.
+_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e"
+                        "\u2060-\u2064\u206a-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]")
+# Dots that NFKC leaves alone but a reader (or a mail client) takes for one, between two
+# non-spaces (`evil·com`; a spaced separator such as "Jazz · Blues" stays).
+_DOTS = re.compile("(?<=\\S)[\u3002\uff61\ufe52\u2024\u2e33\u2e3c\u0701\u0702\u2027\u30fb\u00b7\u2219\u22c5](?=\\S)")
+_SCHEME = r"(?:[a-z][a-z0-9+.-]{1,15}|h[tx]{2}ps?)\s*:\s*/\s*/"  # http://, hxxp://, ftp ://, any scheme
+_LABEL = r"(?:xn--)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_URL = re.compile(
+    rf"(?i){_SCHEME}\S*"  # anything with a scheme
+    r"|\bwww\d{0,3}\s*\.\s*\S+"  # www.anything
+    rf"|\b(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{2,59}})\b(?:[:/?#]\S*)?"  # a domain, any ending
+    r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?(?:/\S*)?")  # an IPv4 address
+_EMAIL = re.compile(r"(?i)[a-z0-9._%+-]+\s*(?:@|\(at\)|\[at\]|\{at\})\s*[a-z0-9-]+(?:\s*(?:\.|\(dot\)|\[dot\])\s*"
+                    r"[a-z0-9-]+)+")
 _PHONE = re.compile(r"(?:\+?\d[\d\s().-]{6,}\d)")
 _MARKDOWN = re.compile(r"[*_`#>\[\]{}|~]+")
 _SPACE = re.compile(r"\s+")
+_MAX_PASSES = 8
 
 
-def sanitize(text: str | None, max_chars: int) -> str:
-    """Plain text: no HTML, no links, no e-mail addresses, no phone numbers; at most max_chars,
-    cut at a word boundary with an ellipsis."""
-    if not text:
-        return ""
-    t = html.unescape(_TAG.sub(" ", text))
-    t = _TAG.sub(" ", t)
+def _decode(text: str) -> str:
+    """Entities decoded and tags removed until neither changes anything."""
+    for _ in range(_MAX_PASSES):
+        out = _TAG.sub(" ", html.unescape(text))
+        if out == text:
+            break
+        text = out
+    return text
+
+
+def _fold(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    text = _INVISIBLE.sub("", text)
+    text = _DOTS.sub(".", text)
+    return "".join(" " if unicodedata.category(c)[0] in "CZ" and c not in "\n\t" else c for c in text)
+
+
+def _clean_once(text: str) -> str:
+    t = _fold(_decode(text))
+    t = _SPACE.sub(" ", t)
+    t = re.sub(r"\s+([,.;:!?])", r"\1", t)
+    t = re.sub(r"([,;:])(?:[,;:\s])+", r"\1 ", t)
+    # Last, on the normalised text: anything that could be followed, mailed or dialled.
     t = _EMAIL.sub(" ", t)
     t = _URL.sub(" ", t)
     t = _PHONE.sub(" ", t)
     t = _MARKDOWN.sub(" ", t)
     t = _SPACE.sub(" ", t)
-    t = re.sub(r"\s+([,.;:!?])", r"\1", t)
-    t = re.sub(r"([,;:])(?:[,;:\s])+", r"\1 ", t).strip(" .;,-")
+    return re.sub(r"\s+([,.;:!?])", r"\1", t).strip(" .;,:-")
+
+
+def plain_text(text: str | None) -> str:
+    """Plain text with no markup, link, domain, e-mail address or phone number, cleaned until
+    another pass would change nothing."""
+    t = text or ""
+    for _ in range(_MAX_PASSES):
+        out = _clean_once(t)
+        if out == t:
+            return out
+        t = out
+    return t
+
+
+def sanitize(text: str | None, max_chars: int) -> str:
+    """plain_text, at most max_chars, cut at a word boundary with an ellipsis."""
+    t = plain_text(text)
     if len(t) <= max_chars:
         return t
     cut = t[: max_chars - 1]
