@@ -111,6 +111,11 @@ class LLMSettings:
     # json_schema: constrained decoding where the endpoint supports it; json_object: JSON mode
     # plus validation of the reply against the same schema.
     structured_output: Literal["json_schema", "json_object"] = "json_schema"
+    # The JSON-schema dialect sent: openai_strict (OpenAI / Azure strict mode: every property
+    # required, no string length keywords) or bounded (string lengths in the schema, for
+    # llama.cpp / vLLM, where they stop a small model looping). auto = bounded for the embedded
+    # server, openai_strict for the openai and azure providers.
+    schema_dialect: Literal["auto", "bounded", "openai_strict"] = "auto"
     temperature: float = 0.0
     seed: int | None = 7
     max_output_tokens: int = 512

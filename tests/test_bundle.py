@@ -60,3 +60,16 @@ def test_scoring_job_runs_production_mode_and_evaluate_gets_evaluation_candidate
     assert load_config(None, _overrides(training["generate_candidates"])).mode == "evaluation"
     assert "generate_candidates" in {d["task_key"] for d in training["evaluate"]["depends_on"]}
     assert load_config(None, _overrides(jobs["scoring"]["tasks"][-1])).scoring.alpha == "auto"
+
+
+def test_llm_tasks_carry_provider_sized_limits_and_the_papers_persona_range():
+    prod = BUNDLE["targets"]["prod"]["variables"]
+    defaults = {k: v.get("default") for k, v in BUNDLE["variables"].items()}
+    assert prod["llm_requests_per_minute"] > defaults["llm_requests_per_minute"]
+    assert prod["llm_tokens_per_minute"] > defaults["llm_tokens_per_minute"]
+    llm_tasks = [t for _, t in tasks() if any("llm.base_url" in p for p in t["spark_python_task"]["parameters"])]
+    assert {t["task_key"] for t in llm_tasks} == {"summarise_items", "extract_aspects", "build_personas", "align"}
+    for task in llm_tasks:
+        cfg = load_config(None, _overrides(task))
+        assert cfg.offline.max_personas == 7 and cfg.llm.requests_per_minute == defaults["llm_requests_per_minute"]
+        assert cfg.llm.concurrency_per_task == defaults["llm_concurrency_per_task"]

@@ -7,7 +7,8 @@ import pytest
 from persona4rec.config import load_config
 from persona4rec.llm.client import FAILED, SUCCEEDED, StructuredCaller, make_client, parse_reply
 from persona4rec.llm.fake_server import FakeLLMServer, schema_responder
-from persona4rec.llm.outputs import ItemSummary, ReviewAspects, item_personas_model, response_schema
+from persona4rec.llm.outputs import (BOUNDED, OPENAI_STRICT, AlignmentChoice, ItemSummary, ReviewAspects,
+                                     item_personas_model, response_schema, strict_violations)
 from persona4rec.llm.prompts import load_prompt, untrusted
 from persona4rec.llm.ratelimit import RateLimiter, RateShare
 
@@ -142,3 +143,65 @@ def test_prompts_are_versioned_and_untrusted_text_cannot_close_its_block():
     assert "<" not in text and ">" not in text
     long = untrusted("word " * 1000, 10)
     assert len(long) <= 10 * 4 + 6 and long.endswith("[...]")
+
+
+OUTPUT_MODELS = [ItemSummary, ReviewAspects, AlignmentChoice, *[item_personas_model(n) for n in range(1, 8)]]
+
+
+@pytest.mark.parametrize("model", OUTPUT_MODELS, ids=lambda m: f"{m.__name__}{len(m.model_fields)}")
+def test_every_output_schema_meets_the_openai_strict_rules(model):
+    schema = response_schema(model, OPENAI_STRICT)
+    assert strict_violations(schema) == []
+    text = json.dumps(schema)
+    assert "maxLength" not in text and "minLength" not in text and "$ref" not in text
+    if model is ReviewAspects:  # an optional slot is required and nullable, not left out
+        slot = schema["properties"]["usage_context"]
+        assert "usage_context" in schema["required"] and {"type": "null"} in slot["anyOf"]
+        assert "at most 48 characters" in slot["anyOf"][0]["properties"]["value"]["description"]
+    # The bounded dialect (llama.cpp, vLLM) keeps the lengths; strict mode would refuse it.
+    assert strict_violations(response_schema(model, BOUNDED))
+
+
+def test_json_schema_mode_on_a_strict_endpoint_makes_no_fallback(caplog):
+    with FakeLLMServer(schema_responder, strict_schemas=True) as srv:
+        c = caller(srv.base_url)  # provider openai: the openai_strict dialect
+        outcomes = [c.call(MESSAGES, m) for m in (ItemSummary, ReviewAspects, item_personas_model(3))]
+    assert [o.status for o in outcomes] == [SUCCEEDED] * 3 and all(o.attempts == 1 for o in outcomes)
+    assert srv.log.schema_refusals == [] and c._mode == "json_schema"
+    assert "falling back to JSON mode" not in caplog.text
+
+
+def test_a_refused_schema_falls_back_to_json_mode_once_with_the_endpoints_reason(caplog):
+    aspects = {"category_preference": {"value": "jazz", "reason": "said so"}, "purchase_purpose": None,
+               "quality_criteria": None, "usage_context": None}
+    with FakeLLMServer(lambda body: aspects, strict_schemas=True) as srv:
+        c = caller(srv.base_url, schema_dialect="bounded")
+        with caplog.at_level("WARNING", logger="persona4rec.llm.client"):
+            outcomes = [c.call(MESSAGES, ReviewAspects) for _ in range(3)]
+    assert [o.status for o in outcomes] == [SUCCEEDED] * 3
+    assert len(srv.log.schema_refusals) == 1 and c._mode == "json_object"
+    warnings = [r.getMessage() for r in caplog.records if "falling back to JSON mode" in r.getMessage()]
+    assert len(warnings) == 1 and "are not in required" in warnings[0]
+
+
+def test_journal_tail_reads_each_record_once_and_waits_for_a_line_being_written(tmp_path):
+    from persona4rec.llm.journal import JournalTail, JournalWriter, read_journal
+
+    tail = JournalTail(str(tmp_path))
+    with JournalWriter(str(tmp_path), "p1-a0") as w:
+        w.write({"key": "a"})
+        w.write({"key": "b"})
+        assert [r["key"] for r in tail.new_records()] == ["a", "b"]
+        assert list(tail.new_records()) == []  # nothing new: nothing read again
+        w._fh.write('{"key": "c", "cut')  # a record still being written
+        w._fh.flush()
+        assert list(tail.new_records()) == []
+        w._fh.write('": 1}\n')
+        w.write({"key": "d"})
+    assert [r["key"] for r in tail.new_records()] == ["c", "d"]
+    with JournalWriter(str(tmp_path), "p12-a1") as w:
+        w.write({"key": "e"})
+    assert [r["key"] for r in tail.new_records()] == ["e"]
+    # A task reads only its own partition's earlier attempts (p1-, not p12-).
+    assert [r["key"] for r in read_journal(str(tmp_path), "p1-")] == ["a", "b", "c", "d"]
+    assert [r["key"] for r in read_journal(str(tmp_path), "p12-")] == ["e"]

@@ -204,8 +204,12 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         ranks = ranks.withColumn("run_id", F.lit(run_id)).persist()
         evaluated_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         store.upsert(ranks, EVALUATION_RANKS)
-        for df in cached:  # `ranks` is materialised now
+        # Read back what was written: the metrics below then plan over one table scan instead of
+        # the union of every variant's rerank plan (whose plan text alone exhausted a 2 GB driver).
+        ranks.unpersist()
+        for df in cached:
             df.unpersist()
+        ranks = store.read(EVALUATION_RANKS.name).filter(F.col("run_id") == run_id).persist()
         metrics = spark_metrics(with_scenarios(ranks, scenario_labels(splits, cfg)),
                                 ["run_id", SPLIT, "generator", "variant", "scenario"], ev.ks)
         alpha_of = spark.createDataFrame([(g, "finetuned_blend", float(a)) for g, a in alphas.items()],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import random
 import re
 import time
@@ -19,10 +20,11 @@ import openai
 from pydantic import BaseModel, ValidationError
 
 from persona4rec.config import LLMSettings
-from persona4rec.llm.outputs import response_schema
+from persona4rec.llm.outputs import BOUNDED, OPENAI_STRICT, response_schema
 from persona4rec.llm.prompts import approx_tokens
 from persona4rec.llm.ratelimit import RateLimiter
 
+log = logging.getLogger(__name__)
 SUCCEEDED, FAILED = "succeeded", "failed"
 _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.IGNORECASE)
 ERROR_CHARS = 300  # of an error message kept in llm_calls
@@ -68,10 +70,17 @@ def request_params(settings: LLMSettings, output_model: type[BaseModel], mode: s
         params["seed"] = settings.seed
     if (mode or settings.structured_output) == "json_schema":
         params["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": output_model.__name__, "schema": response_schema(output_model), "strict": True}}
+            "name": output_model.__name__, "schema": response_schema(output_model, schema_dialect(settings)),
+            "strict": True}}
     else:
         params["response_format"] = {"type": "json_object"}
     return params
+
+
+def schema_dialect(settings: LLMSettings) -> str:
+    if settings.schema_dialect != "auto":
+        return settings.schema_dialect
+    return BOUNDED if settings.provider == "embedded" else OPENAI_STRICT
 
 
 def parse_reply(text: str | None, model: type[BaseModel]) -> BaseModel:
@@ -124,6 +133,7 @@ class StructuredCaller:
                 error = self._describe(exc)
                 if exc.status_code == 400 and self._mode == "json_schema" and "response_format" in str(exc).lower():
                     self._mode = "json_object"  # endpoint without JSON-schema support: JSON mode + validation
+                    _warn_fallback(self.settings, output_model.__name__, error)
                     continue
                 break  # other 4xx: retrying the same request cannot help
             usage = getattr(resp, "usage", None)
@@ -171,6 +181,20 @@ class StructuredCaller:
             text = text.replace(self._secret, "***")
         text = _SECRET_SHAPES.sub("***", text)
         return _cut(text, limit)
+
+
+_FALLBACKS_WARNED: set[tuple] = set()
+
+
+def _warn_fallback(settings: LLMSettings, schema: str, reason: str | None) -> None:
+    """Once per endpoint, model and schema in a process: the switch to JSON mode and the
+    endpoint's reason (a strict-mode refusal is a schema bug to fix, not noise)."""
+    key = (settings.base_url, settings.model, schema)
+    if key not in _FALLBACKS_WARNED:
+        _FALLBACKS_WARNED.add(key)
+        log.warning("endpoint %s refused the JSON schema %s for model %s, falling back to JSON mode plus "
+                    "validation; its reason: %s", settings.base_url or settings.provider, schema, settings.model,
+                    reason)
 
 
 def _retry_after_s(exc: Exception) -> float | None:

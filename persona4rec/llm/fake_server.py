@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from persona4rec.llm.outputs import strict_violations
+
 Fault = str  # "401", "429", "500", "timeout", "malformed", "schema"
 
 
@@ -28,6 +30,7 @@ class ServerLog:
     paid: Counter = field(default_factory=Counter)  # request hash → valid replies sent (what a provider bills)
     faults: Counter = field(default_factory=Counter)
     auth_headers: list[str] = field(default_factory=list)
+    schema_refusals: list[str] = field(default_factory=list)  # strict-mode refusals sent (strict_schemas=True)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -54,8 +57,11 @@ class FakeLLMServer:
     def __init__(self, responder: Callable[[dict], dict | str],
                  fault: Callable[[dict, int], Fault | None] | None = None,
                  delay_s: float = 0.0, retry_after_s: float = 1.0, stall_s: float = 5.0,
-                 hold: threading.Event | None = None):
+                 hold: threading.Event | None = None, strict_schemas: bool = False):
+        """strict_schemas: refuse, as OpenAI does (400 naming response_format), a strict JSON
+        schema that its strict mode would not accept."""
         self.responder, self.fault, self.delay_s = responder, fault, delay_s
+        self.strict_schemas = strict_schemas
         self.retry_after_s, self.stall_s, self.hold = retry_after_s, stall_s, hold
         self.log = ServerLog()
         self._seen: Counter = Counter()
@@ -82,6 +88,12 @@ class FakeLLMServer:
                     server._seen[h] += 1
                 if server.hold is not None:
                     server.hold.wait()
+                refusal = server.schema_refusal(body)
+                if refusal:
+                    with server.log.lock:
+                        server.log.schema_refusals.append(refusal)
+                    return self._send(400, {"error": {"message": refusal, "type": "invalid_request_error",
+                                                      "param": "response_format", "code": None}})
                 fault = server.fault(body, n) if server.fault else None
                 if fault:
                     with server.log.lock:
@@ -136,6 +148,14 @@ class FakeLLMServer:
         self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def schema_refusal(self, body: dict) -> str | None:
+        fmt = body.get("response_format") or {}
+        spec = fmt.get("json_schema") or {}
+        if not (self.strict_schemas and fmt.get("type") == "json_schema" and spec.get("strict")):
+            return None
+        problems = strict_violations(spec.get("schema") or {})
+        return f"Invalid schema for response_format '{spec.get('name')}': {problems[0]}" if problems else None
 
     @property
     def base_url(self) -> str:

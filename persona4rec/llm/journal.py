@@ -50,24 +50,50 @@ class JournalWriter:
         self.close()
 
 
-def journal_files(folder: str) -> list[str]:
+def journal_files(folder: str, prefix: str = "") -> list[str]:
+    """The journal files of `folder` (those whose name starts with `prefix`, e.g. one partition's)."""
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jsonl"))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jsonl") and f.startswith(prefix))
 
 
-def read_journal(folder: str) -> Iterator[dict]:
-    """Every complete record; a line cut short by a crash mid-write is skipped (it was not paid
-    for in any usable way: its caller never saw the reply either)."""
-    for path in journal_files(folder):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+def _records(lines: Iterator[bytes]) -> Iterator[dict]:
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+
+
+def read_journal(folder: str, prefix: str = "") -> Iterator[dict]:
+    """Every complete record (of the files starting with `prefix`); a line cut short by a crash
+    mid-write is skipped (it was not paid for in any usable way: its caller never saw the reply)."""
+    for path in journal_files(folder, prefix):
+        with open(path, "rb") as fh:
+            yield from _records(line for line in fh if line.endswith(b"\n"))
+
+
+class JournalTail:
+    """What was appended to a journal folder since the last call, and nothing else: a byte offset
+    per file, just past its last complete line. The driver's progress line reads this way, so a
+    long run reads each record once instead of the whole journal every interval."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._offsets: dict[str, int] = {}
+
+    def new_records(self) -> Iterator[dict]:
+        for path in journal_files(self.folder):
+            start = self._offsets.get(path, 0)
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(start)
+                    data = fh.read()
+            except FileNotFoundError:  # folded and removed meanwhile
+                continue
+            end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+            self._offsets[path] = start + end
+            yield from _records(iter(data[:end].splitlines()))
 
 
 def remove_files(paths: list[str]) -> None:

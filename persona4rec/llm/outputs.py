@@ -58,8 +58,24 @@ def item_personas_model(max_personas: int) -> type[ItemPersonas]:
                         personas=(list[Persona], Field(min_length=1, max_length=max_personas)))
 
 
-def response_schema(model: type[BaseModel]) -> dict:
-    """JSON schema for `response_format`, self-contained (no $ref) for endpoints that need it."""
+BOUNDED, OPENAI_STRICT = "bounded", "openai_strict"
+# Keywords OpenAI's strict structured outputs accept (its "supported schemas" guide); anything else
+# makes the request fail with a 400.
+STRICT_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "anyOf", "enum", "const",
+    "description", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "multipleOf", "pattern", "format"})
+
+
+def response_schema(model: type[BaseModel], dialect: str = BOUNDED) -> dict:
+    """JSON schema for `response_format`, self-contained (no $ref) for endpoints that need it.
+
+    `bounded` keeps every string's length bounds: llama.cpp (the embedded server) and vLLM
+    enforce them while decoding, which stops a small model looping to the token limit.
+    `openai_strict` is what OpenAI's strict mode accepts: every property required (an optional
+    one is a union with null), `additionalProperties: false` on every object, and only the
+    supported keywords — the length bounds move into the description (the prompt) and stay in the
+    reply's validation, which re-asks when a reply breaks them."""
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
@@ -72,7 +88,59 @@ def response_schema(model: type[BaseModel]) -> dict:
             return [inline(v) for v in node]
         return node
 
-    return inline(schema)
+    flat = inline(schema)
+    return _strict(flat) if dialect == OPENAI_STRICT else flat
+
+
+def _strict(node):
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: ({name: _strict(child) for name, child in v.items()} if k == "properties" else _strict(v))
+           for k, v in node.items() if k in STRICT_KEYWORDS}
+    if node.get("type") == "object" or "properties" in node:
+        out["required"] = list(node.get("properties", {}))
+        out["additionalProperties"] = False
+    bounds = [f"at least {node['minLength']}" if node.get("minLength", 0) > 1 else "",
+              f"at most {node['maxLength']}" if "maxLength" in node else ""]
+    said = " and ".join(b for b in bounds if b)
+    if said:
+        out["description"] = f"{node.get('description', '')} ({said} characters)".strip()
+    return out
+
+
+def strict_violations(schema: dict) -> list[str]:
+    """Why OpenAI's strict mode would refuse `schema` (empty: it would accept it)."""
+    problems: list[str] = []
+
+    def walk(node, path):
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        for key in node:
+            if key not in STRICT_KEYWORDS:
+                problems.append(f"{path}: keyword '{key}' is not supported in strict mode")
+        if node.get("type") == "object" or "properties" in node:
+            if node.get("additionalProperties") is not False:
+                problems.append(f"{path}: additionalProperties must be false")
+            missing = [p for p in node.get("properties", {}) if p not in node.get("required", [])]
+            if missing:
+                problems.append(f"{path}: properties {missing} are not in required")
+        for key in ("properties",):
+            for name, child in node.get(key, {}).items():
+                walk(child, f"{path}.{name}")
+        for key in ("items", "anyOf"):
+            if key in node:
+                walk(node[key], f"{path}.{key}")
+
+    if schema.get("type") != "object" or "anyOf" in schema:
+        problems.append("root: must be an object, not a union")
+    walk(schema, "root")
+    return problems
 
 
 class AlignmentChoice(_Strict):

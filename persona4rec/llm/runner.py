@@ -30,7 +30,7 @@ from pyspark.sql import types as T
 
 from persona4rec.config import Config, LLMSettings
 from persona4rec.llm.client import SUCCEEDED, StructuredCaller, make_client, request_params
-from persona4rec.llm.journal import JournalWriter, journal_files, read_journal, remove_files
+from persona4rec.llm.journal import JournalTail, JournalWriter, journal_files, read_journal, remove_files
 from persona4rec.llm.prompts import Prompt
 from persona4rec.llm.ratelimit import RateLimiter, RateShare
 from persona4rec.schemas import LLM_CALLS
@@ -216,9 +216,12 @@ def _call_partition(settings: LLMSettings, endpoint: Endpoint, task: LLMTask, sh
         from pyspark import TaskContext
 
         ctx = TaskContext.get()
-        prefix = f"p{ctx.partitionId()}-a{ctx.attemptNumber()}" if ctx else "local"
-        # A retried task (or a rerun racing a crash) skips what is already journaled.
-        done = {r["key"] for r in read_journal(folder) if r.get("status") == SUCCEEDED}
+        partition = f"p{ctx.partitionId()}-" if ctx else ""
+        prefix = f"{partition}a{ctx.attemptNumber()}" if ctx else "local"
+        # A retried task skips what its earlier attempts journaled. A key belongs to one partition,
+        # so only this partition's files are read (not the whole run's journal: that grows with
+        # the run and every task would read it again); a crashed run's journal was folded at start.
+        done = {r["key"] for r in read_journal(folder, partition) if r.get("status") == SUCCEEDED}
         client = make_client(settings, endpoint.base_url, endpoint.api_key)
         caller = StructuredCaller(client, settings, RateLimiter(share), secret=endpoint.api_key)
 
@@ -267,6 +270,8 @@ class _Progress:
 
     def __init__(self, folder: str, task: str, total: int, interval_s: float):
         self.folder, self.task, self.total, self.interval = folder, task, total, interval_s
+        self._tail = JournalTail(folder)
+        self.done = self.failed = self.tokens = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._started = time.time()
@@ -284,11 +289,11 @@ class _Progress:
             self.report()
 
     def report(self) -> None:
-        done = failed = tokens = 0
-        for rec in read_journal(self.folder):
-            done += 1
-            failed += rec.get("status") != SUCCEEDED
-            tokens += (rec.get("tokens_in") or 0) + (rec.get("tokens_out") or 0)
+        for rec in self._tail.new_records():
+            self.done += 1
+            self.failed += rec.get("status") != SUCCEEDED
+            self.tokens += (rec.get("tokens_in") or 0) + (rec.get("tokens_out") or 0)
+        done, failed, tokens = self.done, self.failed, self.tokens
         elapsed = time.time() - self._started
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
