@@ -9,6 +9,7 @@
 
 from pyspark.sql import functions as F
 
+from persona4rec.display import shown
 from persona4rec.notebook import context
 
 spark, cfg, store = context()
@@ -28,7 +29,8 @@ print(f"item {ITEM} · persona builder: {cfg.offline.persona_builder}")
 
 item = store.read("items").filter(F.col("item_id") == ITEM).first()
 summary = store.read("item_summaries").filter(F.col("item_id") == ITEM).first()
-print(f"title: {item['title'] if item else None}")
+print(f"title: {item['title'] if item else None} · shown as: {shown(item.asDict()) if item else ITEM}"
+      " (* = derived from the metadata)")
 print(f"summary ({summary['source']}): {summary['summary']}")
 
 # COMMAND ----------

@@ -10,6 +10,7 @@
 from pyspark.sql import functions as F
 
 from persona4rec.alignment.profiles import stored_interactions
+from persona4rec.display import shown
 from persona4rec.notebook import context
 
 spark, cfg, store = context()
@@ -52,8 +53,11 @@ store.read("candidates").filter((F.col("user_id") == USER) & (F.col("mode") == M
 
 # COMMAND ----------
 
-for r in recs.filter(F.col("user_id") == USER).orderBy("rank").collect():
+mine = recs.filter(F.col("user_id") == USER).orderBy("rank").collect()
+names = {i.item_id: shown(i.asDict()) for i in
+         store.read("items").filter(F.col("item_id").isin(*[r["item_id"] for r in mine])).collect()}
+for r in mine:
     move = r["cf_rank"] - r["rank"]
-    print(f"#{r['rank']:>2} {r['item_id']} (CF #{r['cf_rank']}, {'+' if move >= 0 else ''}{move}) "
+    print(f"#{r['rank']:>2} {names.get(r['item_id'], r['item_id'])} (CF #{r['cf_rank']}, {'+' if move >= 0 else ''}{move}) "
           f"score {r['score']:.3f} · {r['persona_name']}")
     print(f"     {r['explanation']}")

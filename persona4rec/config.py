@@ -139,9 +139,11 @@ class LLMSettings:
 @dataclass(frozen=True)
 class OfflineSettings:
     domain: Literal["generic", "books", "restaurants"] = "generic"
-    # llm: the paper's LLM summaries, aspects, personas and judge. extractive: no LLM — reviews
-    # are embedded and clustered into personas, alignment is the cluster of the user's review.
-    persona_builder: Literal["llm", "extractive"] = "llm"
+    # llm: the paper's LLM summaries, aspects, personas and judge. grouped: as llm, but the aspect
+    # tuples are grouped into voices first and the LLM writes one persona per group (small models).
+    # extractive: no LLM — reviews are embedded and clustered into personas, alignment is the
+    # cluster of the user's review.
+    persona_builder: Literal["llm", "grouped", "extractive"] = "llm"
     # Exclude reviews of validation/test interactions from aspects, personas and alignment.
     evaluation_mode: bool = True
     review_token_budget: int = 400  # a longer review is truncated to this (about 4 chars/token)

@@ -7,7 +7,7 @@ import pytest
 from persona4rec.config import load_config
 from persona4rec.llm.client import FAILED, SUCCEEDED, StructuredCaller, make_client, parse_reply
 from persona4rec.llm.fake_server import FakeLLMServer, schema_responder
-from persona4rec.llm.outputs import (BOUNDED, OPENAI_STRICT, AlignmentChoice, ItemSummary, ReviewAspects,
+from persona4rec.llm.outputs import (BOUNDED, OPENAI_STRICT, AlignmentChoice, ItemSummary, Persona, ReviewAspects,
                                      item_personas_model, response_schema, strict_violations)
 from persona4rec.llm.prompts import load_prompt, untrusted
 from persona4rec.llm.ratelimit import RateLimiter, RateShare
@@ -145,7 +145,7 @@ def test_prompts_are_versioned_and_untrusted_text_cannot_close_its_block():
     assert len(long) <= 10 * 4 + 6 and long.endswith("[...]")
 
 
-OUTPUT_MODELS = [ItemSummary, ReviewAspects, AlignmentChoice, *[item_personas_model(n) for n in range(1, 8)]]
+OUTPUT_MODELS = [ItemSummary, ReviewAspects, AlignmentChoice, Persona, *[item_personas_model(n) for n in range(1, 8)]]
 
 
 @pytest.mark.parametrize("model", OUTPUT_MODELS, ids=lambda m: f"{m.__name__}{len(m.model_fields)}")

@@ -1,5 +1,7 @@
 """The whole pipeline on the shipped sample (LLM = a local scripted OpenAI-compatible server)."""
 
+import re
+
 import pytest
 from pyspark.sql import functions as F
 
@@ -60,3 +62,5 @@ def test_pipeline_on_the_sample_recommends_candidates_with_persona_explanations(
     assert not [r for r in shown if LINKISH.search(f"{r.persona_name or ''} {r.explanation}")]
     out = capsys.readouterr().out
     assert "A few recommendations:" in out and "recommendations" in out
+    assert re.search(r"llm personas for \d+ of 30 items", out) and "Stage times: ingest" in out
+    assert "(no title)" not in out and re.search(r"[A-Za-z]\* · ", out)  # derived display names, marked

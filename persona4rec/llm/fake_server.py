@@ -194,6 +194,9 @@ def schema_responder(body: dict) -> dict:
              "preference_rationale": "Values depth, per the aspects."},
             {"name": f"Critic {tag}", "description": "Finds it uneven.",
              "preference_rationale": "Quality criteria mention misses."}]}
+    if name == "Persona":  # one persona per group (offline.persona_builder: grouped)
+        return {"name": f"Reader {tag}", "description": "Reads every issue for the content.",
+                "preference_rationale": f"Their aspects ({tag}) match what it offers."}
     if name == "AlignmentChoice":
         return {"persona_number": overlap_choice(text), "justification": f"Closest to the history ({tag})."}
     return {"answer": tag}

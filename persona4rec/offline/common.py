@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
+import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -23,6 +24,22 @@ def usable_reviews(store: TableStore, cfg: Config) -> DataFrame:
         return reviews
     held_out = store.read("splits").filter(F.col(SPLIT) != TRAIN).select(USER_ID, ITEM_ID)
     return reviews.join(held_out, [USER_ID, ITEM_ID], "left_anti")
+
+
+def per_item(batches: Iterator[pd.DataFrame], build: Callable[[pd.DataFrame], list[dict]],
+             columns: list[str]) -> Iterator[pd.DataFrame]:
+    """Inside mapInPandas over rows sorted by item: call `build` once per item with all of that
+    item's rows (an item may straddle Arrow batches: its rows are carried to the next batch)."""
+    carry = None
+    for pdf in batches:
+        pdf = pdf if carry is None else pd.concat([carry, pdf], ignore_index=True)
+        last = pdf[ITEM_ID].iloc[-1]
+        carry, done = pdf[pdf[ITEM_ID] == last], pdf[pdf[ITEM_ID] != last]
+        out = [row for _, rows in done.groupby(ITEM_ID, sort=True) for row in build(rows)]
+        if out:
+            yield pd.DataFrame(out, columns=columns)
+    if carry is not None and len(carry):
+        yield pd.DataFrame(build(carry), columns=columns)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from pyspark.sql import types as T
 from persona4rec.alignment.profiles import profiles, stored_interaction_texts
 from persona4rec.config import Config
 from persona4rec.offline import cluster, tasks
-from persona4rec.offline.common import usable_reviews
+from persona4rec.offline.common import per_item, usable_reviews
 from persona4rec.offline.persona_rows import summary_only_personas, with_persona_ids
 from persona4rec.schemas import (ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, ITEMS, RATING,
                                  REVIEW_CLUSTERS, SPLIT, TRAIN, TS, USER_ID)
@@ -111,16 +111,7 @@ def clustered_personas(reviews: DataFrame, cfg: Config) -> DataFrame:
 
     def build(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         model = worker_model(model_path, max_len)
-        carry = None
-        for pdf in batches:
-            pdf = pdf if carry is None else pd.concat([carry, pdf], ignore_index=True)
-            last = pdf[ITEM_ID].iloc[-1]
-            carry, done = pdf[pdf[ITEM_ID] == last], pdf[pdf[ITEM_ID] != last]
-            out = [p for _, g in done.groupby(ITEM_ID, sort=True) for p in item_personas(g, model, max_personas, seed)]
-            if out:
-                yield pd.DataFrame(out, columns=_OUT.fieldNames())
-        if carry is not None and len(carry):
-            yield pd.DataFrame(item_personas(carry, model, max_personas, seed), columns=_OUT.fieldNames())
+        yield from per_item(batches, lambda rows: item_personas(rows, model, max_personas, seed), _OUT.fieldNames())
 
     return rows.mapInPandas(build, _OUT)
 

@@ -1,4 +1,6 @@
-"""Stage `build_personas`: one LLM call per item over its aspect pool → 1..7 personas per item.
+"""Stage `build_personas`: one LLM call per item over its aspect pool → 1..7 personas per item
+(the paper's prompt; `offline.persona_builder: grouped` asks one call per group of the item's
+aspect tuples instead, see offline/grouped.py).
 
 Every item ends with at least one persona: items with no usable aspect tuple (no reviews yet, the
 paper's cold-start case), and items whose call has not succeeded yet, get one summary-only
@@ -17,7 +19,7 @@ from pyspark.sql import types as T
 
 from persona4rec.config import Config
 from persona4rec.llm.runner import Endpoint, LLMRunner, make_request, request_schema
-from persona4rec.offline import extractive, tasks
+from persona4rec.offline import extractive, grouped, tasks
 from persona4rec.offline.common import endpoint_for
 from persona4rec.offline.persona_rows import summary_only_personas, with_persona_ids
 from persona4rec.schemas import ITEM_ID, ITEM_PERSONAS, ITEM_SUMMARIES, ITEMS, REVIEW_ASPECTS
@@ -69,11 +71,17 @@ def run(spark: SparkSession, cfg: Config, endpoint: Endpoint | None = None) -> d
         return extractive.build_personas(spark, cfg)
     store = TableStore(spark, cfg)
     summaries = store.read(ITEM_SUMMARIES.name)
-    requests = build_requests(store.read(REVIEW_ASPECTS.name), summaries, cfg).persist()
+    if cfg.offline.persona_builder == "grouped":
+        task = grouped.group_task(cfg.offline.domain)
+        make, parse = grouped.build_requests, grouped.personas_from_replies
+    else:
+        task = tasks.personas_task(cfg.offline.domain, cfg.offline.max_personas)
+        make, parse = build_requests, personas_from_replies
+    requests = make(store.read(REVIEW_ASPECTS.name), summaries, cfg).persist()
     with endpoint_for(cfg, endpoint) as ep:
         runner = LLMRunner(spark, cfg, ep)
-        stats = runner.run(tasks.personas_task(cfg.offline.domain, cfg.offline.max_personas), requests)
-        rows = personas_from_replies(runner.replies(requests), store.read(ITEMS.name), summaries)
+        stats = runner.run(task, requests)
+        rows = parse(runner.replies(requests), store.read(ITEMS.name), summaries)
         write = store.upsert(rows, ITEM_PERSONAS, delete_missing=True)
     requests.unpersist()
     n_items = store.read(ITEM_PERSONAS.name).select(ITEM_ID).distinct().count()
