@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 from pyspark.sql import SparkSession
 
 from persona4rec.config import Config, ConfigError, load_config
-from persona4rec.errors import InputError
+from persona4rec.errors import BatchesPending, InputError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,7 +39,8 @@ def run_job(description: str, run: Callable[[SparkSession, Config], Any],
     """Parse arguments, load config (failing fast on bad keys), start Spark, run, print a summary
     (with the master and shuffle partitions the run had). An InputError ends the job with its
     message on one line and exit status 1; `preflight(cfg)` checks inputs before Spark starts, so
-    a wrong path fails in a second, not after the session start-up."""
+    a wrong path fails in a second, not after the session start-up. LLM batches still open at
+    the provider end the job with status 75 (retry later: the rerun resumes them)."""
     args = parser(description).parse_args(argv)
     setup_logging()
     try:
@@ -57,6 +58,9 @@ def run_job(description: str, run: Callable[[SparkSession, Config], Any],
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except BatchesPending as exc:
+        print(f"pending: {exc}", file=sys.stderr)
+        raise SystemExit(BatchesPending.exit_status) from None
     summary = result.as_dict() if hasattr(result, "as_dict") else result
     if isinstance(summary, dict):
         summary = {**summary, "spark": describe(spark)}

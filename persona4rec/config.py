@@ -98,6 +98,24 @@ class EmbeddedLLMSettings:
 
 
 @dataclass(frozen=True)
+class BatchLLMSettings:
+    """The OpenAI / Azure OpenAI Batch API (llm.mode: batch): half the price, a 24 h window."""
+    completion_window: str = "24h"
+    # The URL each request line names; null = /v1/chat/completions (openai) or /chat/completions (azure).
+    endpoint: str | None = None
+    # Provider limits per input file (OpenAI: 50,000 requests and 200 MB; Azure: 100,000 and 200 MB).
+    max_requests_per_file: int = 50_000
+    max_file_bytes: int = 190_000_000
+    # Polling of submitted batches: backoff from poll_initial_s to poll_max_s; a run that has
+    # waited wait_max_s stops with the batches left open (the next run resumes them).
+    poll_initial_s: float = 30.0
+    poll_max_s: float = 600.0
+    wait_max_s: float = 90_000.0
+    # Batch price relative to the online price in llm.prices (OpenAI and Azure: 50%).
+    price_factor: float = 0.5
+
+
+@dataclass(frozen=True)
 class LLMSettings:
     # embedded: start the local llama.cpp server; openai: any OpenAI-compatible endpoint
     # (OpenAI, vLLM, Ollama, llama.cpp, Databricks serving); azure: Azure OpenAI.
@@ -134,6 +152,10 @@ class LLMSettings:
     prices: dict[str, dict[str, float]] = field(default_factory=lambda: {
         "gpt-4o-mini": {"input": 0.15, "output": 0.60}})
     embedded: EmbeddedLLMSettings = field(default_factory=EmbeddedLLMSettings)
+    # online: calls from Spark tasks as they go. batch: requests written as JSONL files, submitted
+    # to the provider's Batch API, polled, and their results folded into llm_calls (README "Batch mode").
+    mode: Literal["online", "batch"] = "online"
+    batch: BatchLLMSettings = field(default_factory=BatchLLMSettings)
 
 
 @dataclass(frozen=True)
@@ -320,6 +342,15 @@ class Config:
         _check(llm.concurrency_per_task >= 1, "llm.concurrency_per_task", llm.concurrency_per_task, "must be >= 1")
         _check(llm.max_attempts >= 1, "llm.max_attempts", llm.max_attempts, "must be >= 1")
         _check(llm.max_reasks >= 0, "llm.max_reasks", llm.max_reasks, "must be >= 0")
+        _check(llm.mode == "online" or llm.provider != "embedded", "llm.mode", llm.mode,
+               "needs provider openai or azure (the embedded server has no Batch API)")
+        b = llm.batch
+        _check(1 <= b.max_requests_per_file and 1024 <= b.max_file_bytes, "llm.batch.max_requests_per_file",
+               (b.max_requests_per_file, b.max_file_bytes), "needs >= 1 request and >= 1024 bytes per file")
+        _check(0 < b.poll_initial_s <= b.poll_max_s, "llm.batch.poll_initial_s", b.poll_initial_s,
+               "must be > 0 and <= llm.batch.poll_max_s")
+        _check(b.wait_max_s >= 0 and b.price_factor >= 0, "llm.batch.wait_max_s", b.wait_max_s,
+               "wait_max_s and price_factor must be >= 0")
         _check(llm.provider != "azure" or bool(llm.api_version), "llm.api_version", llm.api_version,
                "is required for provider 'azure'")
         _check(1 <= self.offline.max_personas <= 7, "offline.max_personas", self.offline.max_personas,

@@ -12,3 +12,11 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """A job cannot produce correct output from its inputs; the message says why and what to run."""
+
+
+class BatchesPending(RuntimeError):
+    """LLM batches are still running at the provider after `llm.batch.wait_max_s`. Nothing is lost:
+    their ids are in `llm_batches` and the next run of the same job resumes polling them (it never
+    submits their requests again). Jobs exit with status 75 (EX_TEMPFAIL: retry later)."""
+
+    exit_status = 75

@@ -347,6 +347,48 @@ LLM_CALLS = TableSpec(
 )
 
 
+# -- Batch API mode (llm.mode: batch) ---------------------------------------------------------
+# One row per request that is queued for, or was sent in, a batch: the durable state that lets a
+# killed job resume polling instead of paying again. Written before the batch is created.
+LLM_BATCH_REQUESTS = TableSpec(
+    name="llm_batch_requests",
+    keys=("key",),
+    schema=T.StructType([
+        T.StructField("key", T.StringType(), False),  # llm_calls.key
+        T.StructField("task", T.StringType(), False),
+        T.StructField("state", T.StringType(), False),  # queued | submitted | done
+        T.StructField("input_file_id", T.StringType(), True),  # the batch input file it is in (submitted)
+        T.StructField("messages", T.StringType(), False),  # the conversation to send (re-asks appended)
+        T.StructField("context", T.StringType(), True),  # handed to the task's reply check
+        T.StructField("rounds", T.IntegerType(), False),  # batches it was sent in
+        T.StructField("reasks", T.IntegerType(), False),
+        T.StructField("transport_failures", T.IntegerType(), False),  # error lines, expired, cancelled
+        T.StructField("tokens_in", T.LongType(), False),
+        T.StructField("tokens_out", T.LongType(), False),
+        T.StructField("last_error", T.StringType(), True),
+        T.StructField("updated_at", T.TimestampType(), False),
+    ]),
+)
+
+# One row per batch input file and its batch (the file id is known before the batch exists).
+LLM_BATCHES = TableSpec(
+    name="llm_batches",
+    keys=("input_file_id",),
+    schema=T.StructType([
+        T.StructField("input_file_id", T.StringType(), False),
+        T.StructField("task", T.StringType(), False),
+        T.StructField("batch_id", T.StringType(), True),  # null until the batch is created
+        T.StructField("status", T.StringType(), False),  # the provider's status, then folded
+        T.StructField("requests", T.LongType(), False),
+        T.StructField("bytes", T.LongType(), False),
+        T.StructField("output_file_id", T.StringType(), True),
+        T.StructField("error_file_id", T.StringType(), True),
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("updated_at", T.TimestampType(), False),
+    ]),
+)
+
+
 def require_columns(df: DataFrame, table: str, columns: list[str] | tuple[str, ...]) -> None:
     """Fail with the table and the missing columns named, before any work is done on it."""
     missing = [c for c in columns if c not in df.columns]

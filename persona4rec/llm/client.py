@@ -94,6 +94,26 @@ def parse_reply(text: str | None, model: type[BaseModel]) -> BaseModel:
     return model.model_validate(data)
 
 
+def reask_messages(messages: list[dict], raw: str | None, exc: Exception) -> list[dict]:
+    """The conversation for a re-ask: the invalid reply, then what was wrong with it (online
+    calls and batch rounds re-ask the same way)."""
+    return list(messages) + [
+        {"role": "assistant", "content": (raw or "")[:2000]},
+        {"role": "user", "content": f"That reply was invalid: {_short(exc)}. "
+                                    "Reply again with only the JSON object, matching the schema."}]
+
+
+def redact(text: str | None, secret: str | None = None, limit: int = ERROR_CHARS) -> str | None:
+    """Secrets out first, then the length cut: a key that straddled the cut would otherwise
+    survive as a fragment. Removes `secret` and anything shaped like a bearer token or an
+    `sk-…` key."""
+    if not text:
+        return text
+    if secret:
+        text = text.replace(secret, "***")
+    return _cut(_SECRET_SHAPES.sub("***", text), limit)
+
+
 class StructuredCaller:
     """Calls one endpoint for one task's output model; thread-safe (the client and limiter are)."""
 
@@ -151,10 +171,7 @@ class StructuredCaller:
                 if reasks >= s.max_reasks:
                     break
                 reasks += 1
-                messages = messages + [
-                    {"role": "assistant", "content": (raw or "")[:2000]},
-                    {"role": "user", "content": f"That reply was invalid: {_short(exc)}. "
-                                                "Reply again with only the JSON object, matching the schema."}]
+                messages = reask_messages(messages, raw, exc)
         return CallOutcome(FAILED, None, raw, error, attempts, tokens_in, tokens_out,
                            int((time.monotonic() - started) * 1000))
 
@@ -172,15 +189,7 @@ class StructuredCaller:
         return self._redact(f"{type(exc).__name__}{f' {code}' if code else ''}: {exc}")
 
     def _redact(self, text: str | None, limit: int = ERROR_CHARS) -> str | None:
-        """Secrets out first, then the length cut: a key that straddled the cut would otherwise
-        survive as a fragment. Removes the configured key and anything shaped like a bearer
-        token or an `sk-…` key."""
-        if not text:
-            return text
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        text = _SECRET_SHAPES.sub("***", text)
-        return _cut(text, limit)
+        return redact(text, self._secret, limit)
 
 
 _FALLBACKS_WARNED: set[tuple] = set()

@@ -1,5 +1,8 @@
 """LLM calls as a Spark stage: cache anti-join, bounded concurrency, global rate limit, journal, MERGE.
 
+(This is `llm.mode: online`; `llm.mode: batch` hands the same pending requests to
+`persona4rec.llm.batch`, the provider's Batch API.)
+
 A stage hands over a DataFrame of requests (`key, messages, context, partition_key, est_tokens`);
 only keys without a succeeded row in `llm_calls` are called. Calls run inside `mapInPandas`, a
 thread pool of `llm.concurrency_per_task` per task, with the job-wide rate limit divided over the
@@ -129,7 +132,12 @@ class LLMRunner:
         stats.requested = requests.count()
         n = pending.count()
         stats.cached = stats.requested - n
-        if n:
+        if self.cfg.llm.mode == "batch":
+            # Always: a killed run's open batches are polled and folded even when nothing is new.
+            from persona4rec.llm.batch import BatchRun
+
+            BatchRun(self, task, stats).run(pending)
+        elif n:
             parallel = max(1, min(self.spark.sparkContext.defaultParallelism, n))
             llm = self.cfg.llm
             share = RateShare.divide(llm.requests_per_minute, llm.tokens_per_minute, llm.burst_s, parallel)
@@ -203,10 +211,12 @@ class LLMRunner:
         remove_files(files)
 
     def _cost(self, stats: LLMRunStats) -> float:
+        """At the batch price (llm.batch.price_factor of the online one) in batch mode."""
         price = self.cfg.llm.prices.get(self.cfg.llm.model)
         if not price:
             return 0.0
-        return (stats.tokens_in * price.get("input", 0.0) + stats.tokens_out * price.get("output", 0.0)) / 1e6
+        factor = self.cfg.llm.batch.price_factor if self.cfg.llm.mode == "batch" else 1.0
+        return factor * (stats.tokens_in * price.get("input", 0.0) + stats.tokens_out * price.get("output", 0.0)) / 1e6
 
 
 # -- executor side ---------------------------------------------------------------------------
