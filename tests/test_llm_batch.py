@@ -221,40 +221,36 @@ def test_a_run_that_waits_too_long_stops_and_the_next_run_resumes_polling(spark,
 @pytest.mark.spark
 @pytest.mark.integration
 def test_killed_batch_job_rerun_pays_nothing_twice(spark, tmp_path):
-    """A real kill (SIGKILL of the job's process group) after the batches were submitted, while
-    they run; the rerun resumes them: each request body ran in one batch only."""
+    """A real kill (SIGKILL of the job's process group) once its batches were submitted, while
+    they run at the provider; the rerun resumes them: each request body ran in one batch only."""
     from persona4rec.ingest import job as ingest
-    from persona4rec.offline import aspects, summarise
+    from persona4rec.offline import summarise
 
     gate = threading.Event()
     with FakeLLMServer(schema_responder, batch_gate=gate) as srv:
-        cfg = batch_config(tmp_path, srv.base_url, "llm.batch.max_requests_per_file=40")
+        sets = [f"llm.base_url={srv.base_url}", "llm.batch.max_requests_per_file=8", *FAST]
+        cfg = make_config(tmp_path, *sets)
         ingest.run(spark, cfg)
-        gate.set()
-        summarise.run(spark, cfg)
-        gate.clear()
-        before = len(srv.log.batches_created)
-        sets = [f"llm.base_url={srv.base_url}", f"storage.root={tmp_path / 'warehouse'}",
-                "llm.batch.max_requests_per_file=40", *FAST]
-        cmd = [sys.executable, str(ROOT / "jobs" / "extract_aspects.py"), "--target", "test"]
+        cmd = [sys.executable, str(ROOT / "jobs" / "summarise_items.py"), "--target", "test",
+               "--set", f"storage.root={tmp_path / 'warehouse'}"]
         for s in sets:
             cmd += ["--set", s]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 300
-        while len(srv.log.batches_created) < before + 2 and time.time() < deadline and proc.poll() is None:
+        while len(srv.log.batches_created) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        time.sleep(0.3)  # somewhere between submitting the rest and polling
+        time.sleep(0.2)  # somewhere between submitting the rest, recording them and polling
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        submitted = len(srv.log.batches_created) - before
-        assert submitted >= 2, "the job did not get as far as submitting"
+        assert len(srv.log.batches_created) >= 2, "the job did not get as far as submitting"
+        assert not srv.log.batch_bodies, "a batch ran before the kill"
         gate.set()  # the provider runs what was submitted, whoever is polling
-        result = aspects.run(spark, cfg)["llm"]
+        result = summarise.run(spark, cfg)["llm"]
     files = [f for _, f in srv.log.batches_created]
     assert len(files) == len(set(files)), "an input file was submitted twice"
+    assert len(srv.log.batch_bodies) == result["requested"]
     assert max(len(b) for b in srv.log.batch_bodies.values()) == 1, "a request body ran in two batches"
     assert max(srv.log.paid.values()) == 1
-    rows = TableStore(spark, cfg).read("review_aspects")
-    assert result["called"] + result["cached"] == result["requested"]
-    assert rows.count() == rows.select("user_id", "item_id").distinct().count()
+    rows = TableStore(spark, cfg).read("item_summaries")
+    assert rows.count() == rows.select("item_id").distinct().count() == result["requested"]
     assert rows.filter("status = 'succeeded'").count() == rows.count()
