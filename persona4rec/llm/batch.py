@@ -110,7 +110,6 @@ class BatchRun:
         self.url = batch_url(self.settings)
         self._sleep, self._clock = sleep, clock
         self._round = 0
-        self.submitted_batches: list[str] = []
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, pending: DataFrame) -> None:
@@ -156,9 +155,9 @@ class BatchRun:
             rows = base if fresh else base.limit(0)
             return rows.select("key", "messages", "context", *[F.lit(v).cast("int").alias(c) for c, v in zero.items()],
                                F.lit(0).cast("long").alias("tokens_in"), F.lit(0).cast("long").alias("tokens_out"))
-        l = ledger.select("key", F.col("state").alias("_state"), F.col("messages").alias("_messages"),
+        prior = ledger.select("key", F.col("state").alias("_state"), F.col("messages").alias("_messages"),
                           *[F.col(c).alias(f"_{c}") for c in (*zero, "tokens_in", "tokens_out")])
-        joined = base.join(l, "key", "left")
+        joined = base.join(prior, "key", "left")
         queued = F.col("_state") == QUEUED
         wanted = queued | (F.lit(fresh) & (F.col("_state").isNull() | (F.col("_state") == DONE)))
         return joined.filter(wanted).select(
