@@ -96,6 +96,11 @@ def test_judge_sorts_result_lines_into_success_failure_and_next_round():
                      "line": line(0, error={"code": "batch_expired", "message": "late"})}, task, settings)
     assert expired["state"] == "queued" and "batch_expired" in expired["error"]
     assert judge({**row, "line": None, "batch_status": "cancelled"}, task, settings)["state"] == "queued"
+    assert judge({**row, "line": '{"custom_id": "k", "resp'}, task, settings)["error"].startswith("unreadable")
+    assert judge({**row, "line": "[1, 2]"}, task, settings)["state"] == "queued"
+    queue_full = judge({**row, "line": None, "batch_status": "failed",
+                        "batch_error": "token_limit_exceeded: Enqueued token limit reached"}, task, settings)
+    assert queue_full["state"] == "queued"
     failed = judge({**row, "line": None, "batch_status": "failed", "batch_error": "bad file"}, task, settings)
     assert failed["status"] == "failed" and "bad file" in failed["error"]
 
@@ -254,3 +259,19 @@ def test_killed_batch_job_rerun_pays_nothing_twice(spark, tmp_path):
     rows = TableStore(spark, cfg).read("item_summaries")
     assert rows.count() == rows.select("item_id").distinct().count() == result["requested"]
     assert rows.filter("status = 'succeeded'").count() == rows.count()
+
+
+@pytest.mark.unit
+def test_a_chunk_written_as_several_part_files_is_uploaded_as_one_file(tmp_path):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(task=SimpleNamespace(name="t"))
+    for chunk, parts in ((0, ["a\n", "b\n"]), (1, ["c\n"])):
+        folder = tmp_path / f"chunk={chunk}"
+        folder.mkdir()
+        for i, text in enumerate(parts):
+            (folder / f"part-0000{i}-x.txt").write_text(text)
+    files = BatchRun._chunk_files(run, str(tmp_path), {0, 1})
+    assert [(c, open(p).read()) for c, p in files] == [(0, "a\nb\n"), (1, "c\n")]
+    with pytest.raises(RuntimeError, match="chunk 2 is missing.*nothing was uploaded"):
+        BatchRun._chunk_files(run, str(tmp_path), {0, 1, 2})

@@ -38,9 +38,10 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Iterator
 
+import openai
 import pandas as pd
 from pydantic import ValidationError
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -205,8 +206,7 @@ class BatchRun:
         chunked.select("line", "chunk").repartition(files, "chunk").write.mode("overwrite") \
             .partitionBy("chunk").text(lines_dir)
         uploads = []
-        for path in sorted(glob.glob(os.path.join(lines_dir, "chunk=*", "part-*"))):
-            chunk = int(os.path.basename(os.path.dirname(path)).split("=", 1)[1])
+        for chunk, path in self._chunk_files(lines_dir, set(sizes)):
             name = f"{self.task.name}-{self.runner.run_id}-r{self._round}-{chunk}.jsonl"
             with open(path, "rb") as fh:
                 uploads.append((chunk, self.client.files.create(file=(name, fh), purpose="batch").id))
@@ -226,6 +226,26 @@ class BatchRun:
                  self.task.name, self._round, n, len(uploads), size)
         shutil.rmtree(stage, ignore_errors=True)
         return n
+
+    def _chunk_files(self, lines_dir: str, chunks: set[int]) -> list[tuple[int, str]]:
+        """One local file per chunk, whatever the writer left: several part files of a chunk
+        (spark.sql.files.maxRecordsPerFile, another commit protocol) are joined into one, so a
+        chunk is never uploaded twice; a chunk with no file stops the round before any upload."""
+        out = []
+        for chunk in sorted(chunks):
+            parts = sorted(glob.glob(os.path.join(lines_dir, f"chunk={chunk}", "part-*")))
+            if not parts:
+                raise RuntimeError(f"llm {self.task.name}: the request file of chunk {chunk} is missing "
+                                   f"under {lines_dir}; nothing was uploaded")
+            if len(parts) > 1:
+                joined = os.path.join(lines_dir, f"chunk-{chunk}.jsonl")
+                with open(joined, "wb") as out_fh:
+                    for part in parts:
+                        with open(part, "rb") as in_fh:
+                            shutil.copyfileobj(in_fh, out_fh)
+                parts = [joined]
+            out.append((chunk, parts[0]))
+        return out
 
     def _create(self, input_file_id: str):
         batch = self.client.batches.create(
@@ -279,7 +299,7 @@ class BatchRun:
         out, changed = [], []
         for row in open_files:
             if row.get("batch_id"):
-                batch = self.client.batches.retrieve(row["batch_id"])
+                batch = self._read(self.client.batches.retrieve, row["batch_id"])
             else:
                 batch = self._find(row["input_file_id"])
                 if batch is None:
@@ -320,9 +340,27 @@ class BatchRun:
             return None
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, f"{batch_id}.{kind}.jsonl")
-        with self.client.files.with_streaming_response.content(file_id) as resp:
-            resp.stream_to_file(path)
+        def fetch(fid: str) -> None:
+            with self.client.files.with_streaming_response.content(fid) as resp:
+                resp.stream_to_file(path)
+
+        self._read(fetch, file_id)
         return path
+
+    def _read(self, call, *args):
+        """A read-only call (status, download) retried with backoff: a network blip during a long
+        wait must not end the run. Writes (upload, create) are never retried blindly."""
+        for attempt in range(1, self.settings.max_attempts + 1):
+            try:
+                return call(*args)
+            except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
+                    openai.RateLimitError) as exc:
+                if attempt == self.settings.max_attempts:
+                    raise
+                wait = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * 2 ** (attempt - 1))
+                log.warning("llm %s: %s failed (%s), retrying in %.1f s", self.task.name,
+                            getattr(call, "__name__", "call"), type(exc).__name__, wait)
+                self._sleep(wait)
 
     def _fold(self, finished: list[tuple[dict, object]]) -> int:
         """Finished batches' results into llm_calls (final) and the ledger (next round), in one
@@ -341,14 +379,21 @@ class BatchRun:
         meta_df = self.spark.createDataFrame(
             meta, "input_file_id string, batch_id string, batch_status string, batch_error string, latency_ms long")
         if paths:
+            # One line per key; should a provider ever answer a key twice, a 200 wins (it was paid).
+            ok_first = Window.partitionBy("key").orderBy(
+                (F.get_json_object("line", "$.response.status_code") == "200").desc_nulls_last(), "line")
             lines = self.spark.read.text(paths).select(
                 F.get_json_object("value", "$.custom_id").alias("key"), F.col("value").alias("line")) \
-                .dropDuplicates(["key"])
+                .withColumn("_rn", F.row_number().over(ok_first)).filter("_rn = 1").drop("_rn")
         else:
             lines = self.spark.createDataFrame([], "key string, line string")
         submitted = self._ledger().filter(F.col("state") == SUBMITTED).join(F.broadcast(meta_df), "input_file_id")
         fn = _judge_partition(self.task, self.settings, self.secret)
-        outcomes = submitted.join(lines, "key", "left").mapInPandas(fn, OUTCOME_SCHEMA).persist()
+        # Staged on disk, not cached: the outcomes are computed from the ledger, and a cache
+        # evicted after the ledger MERGE below would recompute them from the changed ledger.
+        staged = os.path.join(self.folder, f"{self.runner.run_id}-fold-{finished[0][1].id}")
+        submitted.join(lines, "key", "left").mapInPandas(fn, OUTCOME_SCHEMA).write.mode("overwrite").parquet(staged)
+        outcomes = self.spark.read.parquet(staged)
         agg = outcomes.agg(
             F.sum(F.when(F.col("state") == DONE, 1).otherwise(0)).alias("done"),
             F.sum(F.when(F.col("status") == SUCCEEDED, 1).otherwise(0)).alias("ok"),
@@ -370,7 +415,7 @@ class BatchRun:
             F.when(F.col("state") == DONE, F.col("input_file_id")).alias("input_file_id"),
             "messages", "context", "rounds", "reasks", "transport_failures", "tokens_in", "tokens_out",
             F.col("error").alias("last_error"), F.current_timestamp().alias("updated_at")), LLM_BATCH_REQUESTS)
-        outcomes.unpersist()
+        shutil.rmtree(staged, ignore_errors=True)
         self._record([{"input_file_id": row["input_file_id"], "batch_id": batch.id, "status": FOLDED,
                        "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id}
                       for row, batch in finished])
@@ -427,10 +472,17 @@ def judge(row: dict, task: "LLMTask", settings, secret: str | None = None) -> di
     line = row.get("line")
     if line is None or (isinstance(line, float) and math.isnan(line)):
         reason = f"batch {batch_status}" + (f": {batch_error}" if batch_error else "") + " before this request ran"
-        if batch_status == "failed":  # the provider refused the whole file: not worth another round now
+        # A failed batch: the provider refused the whole file, not worth another round now;
+        # except for its queue limit (too many tokens enqueued), which clears as batches finish.
+        if batch_status == "failed" and "token_limit_exceeded" not in (batch_error or ""):
             return final(FAILED, reason)
         return again(reason, transient=True)
-    rec = json.loads(line)
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:  # a cut-off result file: the request goes into the next round
+        return again(f"unreadable result line ({exc.msg} at column {exc.colno})", transient=True)
+    if not isinstance(rec, dict):
+        return again("unreadable result line (not a JSON object)", transient=True)
     response = rec.get("response") or {}
     if rec.get("error") or response.get("status_code") != 200:
         err = rec.get("error") or (response.get("body") or {}).get("error") or {}
