@@ -23,8 +23,9 @@ differs. One round:
 4. Rounds repeat until nothing is queued or open. A run that waits longer than
    `llm.batch.wait_max_s` stops with `BatchesPending`; the next run resumes polling.
 
-Driver memory: the driver streams files to and from the provider and holds one row per open
-batch; the requests themselves stay in Spark.
+Driver memory: the driver streams files to and from the provider; what it collects or creates
+is one row per batch file (chunk sizes, file ids, llm_batches rows, finished batches): requests
+divided by 45,000, about 220 rows for 10M requests. The requests themselves stay in Spark.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Iterator
 
-import openai
 import pandas as pd
 from pydantic import ValidationError
 from pyspark.sql import DataFrame, Window
@@ -105,6 +105,10 @@ class BatchRun:
         self.settings = self.cfg.llm
         self.limits = self.settings.batch
         self.client = make_client(self.settings, runner.endpoint.base_url, runner.endpoint.api_key)
+        # Read-only calls (status, list, download) use the client's own retries with backoff, so a
+        # network blip during a long wait does not end the run; writes (upload, create) are never
+        # retried blindly: a create that timed out may have happened (the next poll finds it).
+        self.reader = self.client.with_options(max_retries=max(0, self.settings.max_attempts - 1))
         self.secret = runner.endpoint.api_key
         self.folder = os.path.join(self.cfg.work_dir("llm_batches"), task.name)
         self.params = request_params(self.settings, task.output_model, max_tokens=task.max_output_tokens)
@@ -141,9 +145,10 @@ class BatchRun:
             delay = min(delay * 2, self.limits.poll_max_s)
 
     # -- submission ---------------------------------------------------------------------------
-    def _ledger(self) -> DataFrame | None:
+    def _ledger(self) -> DataFrame:
+        """This task's rows of llm_batch_requests (none before the first batch run)."""
         if not self.store.exists(LLM_BATCH_REQUESTS.name):
-            return None
+            return self.spark.createDataFrame([], LLM_BATCH_REQUESTS.schema)
         return self.store.read(LLM_BATCH_REQUESTS.name).filter(F.col("task") == self.task.name)
 
     def _to_send(self, pending: DataFrame, fresh: bool) -> DataFrame:
@@ -151,12 +156,7 @@ class BatchRun:
         (first round) the pending requests in no open batch, with their counters reset."""
         base = pending.select("key", "messages", "context")
         zero = {"rounds": 0, "reasks": 0, "transport_failures": 0}
-        ledger = self._ledger()
-        if ledger is None:
-            rows = base if fresh else base.limit(0)
-            return rows.select("key", "messages", "context", *[F.lit(v).cast("int").alias(c) for c, v in zero.items()],
-                               F.lit(0).cast("long").alias("tokens_in"), F.lit(0).cast("long").alias("tokens_out"))
-        prior = ledger.select("key", F.col("state").alias("_state"), F.col("messages").alias("_messages"),
+        prior = self._ledger().select("key", F.col("state").alias("_state"), F.col("messages").alias("_messages"),
                           *[F.col(c).alias(f"_{c}") for c in (*zero, "tokens_in", "tokens_out")])
         joined = base.join(prior, "key", "left")
         queued = F.col("_state") == QUEUED
@@ -280,10 +280,7 @@ class BatchRun:
     def _open_files(self) -> list[dict]:
         """Input files with requests still recorded as submitted (one row per batch file: small),
         with what llm_batches knows of their batch."""
-        ledger = self._ledger()
-        if ledger is None:
-            return []
-        files = ledger.filter(F.col("state") == SUBMITTED).groupBy("input_file_id").agg(F.count("*").alias("requests"))
+        files = self._ledger().filter(F.col("state") == SUBMITTED).groupBy("input_file_id").agg(F.count("*").alias("requests"))
         if self.store.exists(LLM_BATCHES.name):
             files = files.join(self.store.read(LLM_BATCHES.name).select("input_file_id", "batch_id", "status"),
                                "input_file_id", "left")
@@ -299,7 +296,7 @@ class BatchRun:
         out, changed = [], []
         for row in open_files:
             if row.get("batch_id"):
-                batch = self._read(self.client.batches.retrieve, row["batch_id"])
+                batch = self.reader.batches.retrieve(row["batch_id"])
             else:
                 batch = self._find(row["input_file_id"])
                 if batch is None:
@@ -324,10 +321,10 @@ class BatchRun:
     def _find(self, input_file_id: str):
         """The provider's batch for an input file, searched newest first back to the file's upload."""
         try:
-            since = self.client.files.retrieve(input_file_id).created_at - 300
+            since = self.reader.files.retrieve(input_file_id).created_at - 300
         except Exception:  # noqa: BLE001 - the file may be gone; then search everything listed
             since = 0
-        for batch in self.client.batches.list(limit=100):
+        for batch in self.reader.batches.list(limit=100):
             if batch.input_file_id == input_file_id:
                 return batch
             if batch.created_at < since:
@@ -340,27 +337,9 @@ class BatchRun:
             return None
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, f"{batch_id}.{kind}.jsonl")
-        def fetch(fid: str) -> None:
-            with self.client.files.with_streaming_response.content(fid) as resp:
-                resp.stream_to_file(path)
-
-        self._read(fetch, file_id)
+        with self.reader.files.with_streaming_response.content(file_id) as resp:
+            resp.stream_to_file(path)
         return path
-
-    def _read(self, call, *args):
-        """A read-only call (status, download) retried with backoff: a network blip during a long
-        wait must not end the run. Writes (upload, create) are never retried blindly."""
-        for attempt in range(1, self.settings.max_attempts + 1):
-            try:
-                return call(*args)
-            except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
-                    openai.RateLimitError) as exc:
-                if attempt == self.settings.max_attempts:
-                    raise
-                wait = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * 2 ** (attempt - 1))
-                log.warning("llm %s: %s failed (%s), retrying in %.1f s", self.task.name,
-                            getattr(call, "__name__", "call"), type(exc).__name__, wait)
-                self._sleep(wait)
 
     def _fold(self, finished: list[tuple[dict, object]]) -> int:
         """Finished batches' results into llm_calls (final) and the ledger (next round), in one

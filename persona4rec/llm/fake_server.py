@@ -122,10 +122,11 @@ class FakeLLMServer:
                 if path.startswith("/v1/batches/") and path.endswith("/cancel"):
                     return self._send(200, server.cancel_batch(path[len("/v1/batches/"):-len("/cancel")]))
                 body = json.loads(raw or b"{}")
-                n = server.arrive(body, self.headers.get("Authorization", ""))
+                auth = self.headers.get("Authorization", "")
+                n = server.arrive(body, auth)
                 if server.hold is not None:
                     server.hold.wait()
-                code, payload, headers, fault = server.answer(body, n)
+                code, payload, headers, fault = server.answer(body, n, auth)
                 if fault == "timeout":
                     time.sleep(server.stall_s)
                 elif code == 200 and server.delay_s:
@@ -171,7 +172,7 @@ class FakeLLMServer:
             self._seen[h] += 1
         return n
 
-    def answer(self, body: dict, n: int) -> tuple[int, dict, dict | None, Fault | None]:
+    def answer(self, body: dict, n: int, auth: str = "") -> tuple[int, dict, dict | None, Fault | None]:
         """(HTTP status, JSON payload, headers, fault) for a chat completion request."""
         refusal = self.schema_refusal(body)
         if refusal:
@@ -187,7 +188,6 @@ class FakeLLMServer:
             return 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, \
                 {"Retry-After": str(self.retry_after_s)}, fault
         if fault == "401":
-            auth = self.log.auth_headers[-1] if self.log.auth_headers else ""
             return 401, {"error": {"message": "Incorrect API key provided: " + auth,
                                    "type": "invalid_request_error"}}, None, fault
         if fault == "500":
