@@ -224,7 +224,7 @@ class MLflowSettings:
 
 @dataclass(frozen=True)
 class CandidateSettings:
-    generators: tuple[Literal["als", "bpr"], ...] = ("als", "bpr")
+    generators: tuple[Literal["als", "bpr", "lightgcn"], ...] = ("als", "bpr")
     top_n: int = 20
     seed: int = 7
     als_rank: int = 32
@@ -235,11 +235,22 @@ class CandidateSettings:
     bpr_epochs: int = 40
     bpr_lr: float = 0.05
     bpr_reg: float = 0.001
+    bpr_batch: int = 256
+    lightgcn_dim: int = 64
+    lightgcn_layers: int = 3
+    lightgcn_epochs: int = 100
+    lightgcn_lr: float = 0.005
+    lightgcn_reg: float = 1e-4
+    lightgcn_batch: int = 2048
+    device: str = "auto"  # torch device of the bpr/lightgcn training task: auto = its GPU when there is one
+    # The item factor matrix (items × dim float32) is broadcast to every worker for the top-N.
+    item_factors_budget_mb: float = 1024.0
+    score_block_mb: float = 64.0  # users × items scores computed at once per task in the top-N
 
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    generator: Literal["als", "bpr"] = "bpr"  # whose candidates are reranked
+    generator: Literal["als", "bpr", "lightgcn"] = "bpr"  # whose candidates are reranked
     top_k: int = 10
     # final = alpha * z(persona score) + (1 - alpha) * z(CF score), per user; 1 = pure rerank;
     # auto = the α the evaluate job chose on validation, stored as a tag of the model version.
@@ -364,8 +375,15 @@ class Config:
         _check(t.epochs >= 1 and t.grad_accumulation >= 1, "train.epochs", t.epochs,
                "epochs and grad_accumulation must be >= 1")
         _check(self.candidates.top_n >= 1, "candidates.top_n", self.candidates.top_n, "must be >= 1")
-        _check(len(self.candidates.generators) >= 1, "candidates.generators", self.candidates.generators,
-               "must name at least one generator")
+        c = self.candidates
+        _check(len(c.generators) >= 1, "candidates.generators", c.generators, "must name at least one generator")
+        _check(c.item_factors_budget_mb > 0 and c.score_block_mb > 0, "candidates.item_factors_budget_mb",
+               c.item_factors_budget_mb, "budgets (item_factors_budget_mb, score_block_mb) must be > 0")
+        _check(min(c.bpr_dim, c.bpr_epochs, c.bpr_batch, c.lightgcn_dim, c.lightgcn_layers, c.lightgcn_epochs,
+                   c.lightgcn_batch) >= 1, "candidates", "bpr_*/lightgcn_*",
+               "dims, epochs, layers and batch sizes must be >= 1")
+        _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "candidates.device", c.device,
+               "must be auto, cpu or cuda[:N]")
         _check(1 <= self.scoring.top_k <= self.candidates.top_n, "scoring.top_k", self.scoring.top_k,
                f"must be within 1..candidates.top_n ({self.candidates.top_n})")
         _check(self.scoring.alpha == "auto" or 0 <= self.scoring.alpha <= 1, "scoring.alpha", self.scoring.alpha,

@@ -9,7 +9,7 @@ from pyspark.sql import functions as F
 from conftest import make_config
 from persona4rec.errors import InputError
 from persona4rec.schemas import CANDIDATES, INTERACTION_EMBEDDINGS, PERSONA_INDEX
-from persona4rec.scoring import candidates, score
+from persona4rec.scoring import score
 from persona4rec.scoring.explain import sanitize
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, decayed_user_vectors, max_sim
 from persona4rec.training.encoder import user_vector
@@ -178,17 +178,3 @@ def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
     with pytest.raises(InputError, match=r"1 user\(s\) to score have no user vector for model version v1 .*'U99'"):
         score.run(spark, cfg)
     assert store.read("recommendations").count() == 300  # nothing was written
-
-
-@pytest.mark.spark
-def test_als_candidates_are_top_n_unseen_items_for_every_user(spark, tmp_path):
-    rng = np.random.default_rng(0)
-    seen = {(f"U{u}", f"I{i}") for u in range(40) for i in rng.choice(30, 5, replace=False)}
-    train = spark.createDataFrame(sorted(seen), "user_id string, item_id string")
-    out = candidates.als_candidates(spark, train, 5, 8, 0.1, 10.0, 6, 7, str(tmp_path / "ckpt")).toPandas()
-    assert out["user_id"].nunique() == 40 and len(out) == 40 * 5
-    assert not any(pair in seen for pair in zip(out["user_id"], out["item_id"]))
-    for _, g in out.groupby("user_id"):
-        g = g.sort_values("cf_rank")
-        assert list(g["cf_rank"]) == [1, 2, 3, 4, 5]
-        assert list(g["cf_score"]) == sorted(g["cf_score"], reverse=True)

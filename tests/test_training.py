@@ -102,6 +102,13 @@ def test_batches_never_repeat_a_user_or_an_item():
     assert sorted(i for b in batches for i in b) == list(range(60))
     for b in batches:
         assert len({ex[i].user_id for i in b}) == len(b) == len({ex[i].item_id for i in b})
+    assert len(batches) <= 18  # 15 at best: batches are filled, not one per conflict
+    heavy = [Example("U0", f"I{i}", ("h",), "p", "t", ()) for i in range(50)] + \
+        [Example(f"U{u}", f"J{u}", ("h",), "p", "t", ()) for u in range(1, 151)]
+    batches = unique_batches(heavy, 4, random.Random(2))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert 50 <= len(batches) <= 53  # the heavy user's 50 pairs set the count, the others fill them
+    assert sum(len(b) == 4 for b in batches) >= 48
 
 
 @pytest.mark.unit

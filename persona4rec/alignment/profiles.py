@@ -2,12 +2,13 @@
 
 An interaction text is what the encoder embeds for one (user, item): the item summary followed by
 that user's own aspect slots for the item (the paper's serialisation, our wording). A profile for
-a training interaction (u, i, t) is u's last k training interactions strictly before t.
+a training interaction (u, i, t) is u's last k training interactions strictly before t, built by
+windows (n·k per user, not n²).
 """
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from persona4rec.config import Config
@@ -68,14 +69,21 @@ def stored_interaction_texts(store: TableStore, cfg: Config) -> DataFrame:
 
 def profiles(texts: DataFrame, k: int, splits_for_history: tuple[str, ...] = (TRAIN,)) -> DataFrame:
     """For every interaction: `history` = the user's last k interactions (from the given splits)
-    strictly earlier in time, oldest first, as array<struct<item_id, ts, text>>."""
-    hist = texts.filter(F.col(SPLIT).isin(*splits_for_history))
-    per_user = hist.groupBy(USER_ID).agg(
-        F.sort_array(F.collect_list(F.struct(TS, "seq", ITEM_ID, "text"))).alias("_all"))
-    rows = texts.join(per_user, USER_ID, "left")
-    earlier = F.filter(F.coalesce("_all", F.array()), lambda h: h[TS] < F.col(TS))
-    n = F.size(earlier)
-    last_k = F.when(n > k, F.slice(earlier, n - k + 1, k)).otherwise(earlier)
-    history = F.transform(last_k, lambda h: F.struct(h[ITEM_ID].alias(ITEM_ID), h[TS].alias(TS),
-                                                     h["text"].alias("text")))
+    strictly earlier in time, oldest first, as array<struct<item_id, ts, text>>.
+
+    Linear in a user's history (n·k, never n²): the history rows of a user are numbered in time
+    order and each carries the window of its last k (a sliding frame of k rows); every interaction
+    counts the history rows strictly earlier than its own time (a running count over a range frame)
+    and takes the window of the history row with that number — an equi-join, so a user with 20k
+    interactions costs 20k windows of k texts, not 20k copies of their whole history."""
+    in_hist = F.col(SPLIT).isin(*splits_for_history)
+    by_time = Window.partitionBy(USER_ID).orderBy(TS, "seq")
+    hist = texts.filter(in_hist).select(
+        USER_ID, F.row_number().over(by_time).alias("_r"),
+        F.collect_list(F.struct(TS, "seq", ITEM_ID, "text")).over(by_time.rowsBetween(-(k - 1), 0)).alias("_win"))
+    earlier = Window.partitionBy(USER_ID).orderBy(TS).rangeBetween(Window.unboundedPreceding, -1)
+    rows = texts.withColumn("_r", F.count(F.when(in_hist, 1)).over(earlier))
+    rows = rows.join(hist, [USER_ID, "_r"], "left")
+    history = F.transform(F.sort_array(F.coalesce("_win", F.array())),
+                          lambda h: F.struct(h[ITEM_ID].alias(ITEM_ID), h[TS].alias(TS), h["text"].alias("text")))
     return rows.select(USER_ID, ITEM_ID, TS, "seq", SPLIT, "text", history.alias("history"))

@@ -1,8 +1,11 @@
 """Job `generate_candidates`: first-stage CF candidates, top-N per user, seen items excluded.
 
 Generators (`candidates.generators`): `als` — Spark MLlib ALS with implicit feedback; `bpr` —
-BPR-MF (Rendle et al., 2009), the paper's generator, in numpy on the driver (interactions of a
-batch recommender fit in driver memory well past the sizes here).
+BPR-MF (Rendle et al., 2009) and `lightgcn` (He et al., 2020), the paper's two generators, trained
+in torch on one worker (its GPU when there is one, see `factorize.py`). Every generator is served
+by the same distributed top-N over its factors with seen-item exclusion (`topn.py`); nothing
+proportional to users or interactions reaches the driver (the item factors are broadcast under a
+budget).
 
 What they learn from depends on `mode` (see README "Modes"):
 * production (the nightly e-mails): every interaction ingest kept — the k-core and beyond — and
@@ -17,15 +20,16 @@ Rows are written under their mode, so the nightly job and an evaluation never ov
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 from pyspark.ml.recommendation import ALS
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from persona4rec.config import PRODUCTION, Config
+from persona4rec.config import PRODUCTION, CandidateSettings, Config
 from persona4rec.schemas import CANDIDATES, FROM_MODEL, FROM_POPULAR, ITEM_ID, REVIEWS, SPLIT, SPLITS, TRAIN, USER_ID
+from persona4rec.scoring.factorize import BPRParams, LightGCNParams, train_bpr, train_lightgcn
+from persona4rec.scoring.topn import item_matrix, top_n_unseen, train_on_one_worker
 from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -38,85 +42,75 @@ def _dense_ids(df: DataFrame, col: str, name: str) -> DataFrame:
     return ordered.rdd.zipWithIndex().map(lambda r: (r[0][0], r[1])).toDF(f"{col} string, {name} long")
 
 
-def _indexed(train: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
-    users, items = _dense_ids(train, USER_ID, "u"), _dense_ids(train, ITEM_ID, "i")
-    return train.join(users, USER_ID).join(items, ITEM_ID), users, items
+@dataclass(frozen=True)
+class Indexed:
+    """Interactions with dense ids: `pairs` (u, i), and the id maps `users` (user_id, u), `items` (item_id, i)."""
+    pairs: DataFrame
+    users: DataFrame
+    items: DataFrame
+    n_users: int
+    n_items: int
+
+    @staticmethod
+    def of(train: DataFrame) -> "Indexed":
+        users, items = _dense_ids(train, USER_ID, "u").persist(), _dense_ids(train, ITEM_ID, "i").persist()
+        pairs = train.select(USER_ID, ITEM_ID).join(users, USER_ID).join(items, ITEM_ID).select("u", "i").persist()
+        return Indexed(pairs, users, items, users.count(), items.count())
+
+    def named(self, top: DataFrame, generator: str) -> DataFrame:
+        """TOP_N rows (u, i, …) → generator, user_id, item_id, cf_score, cf_rank."""
+        return top.join(self.users, "u").join(self.items, "i").select(
+            F.lit(generator).alias("generator"), USER_ID, ITEM_ID, "cf_score", "cf_rank")
+
+    def unpersist(self) -> None:
+        for df in (self.pairs, self.users, self.items):
+            df.unpersist()
 
 
-def als_candidates(spark: SparkSession, train: DataFrame, n: int, rank: int, reg: float, alpha: float,
-                   iterations: int, seed: int, checkpoints: str | None = None) -> DataFrame:
-    data, users, items = _indexed(train)
+def als_factors(spark: SparkSession, data: Indexed, rank: int, reg: float, alpha: float, iterations: int, seed: int,
+                checkpoints: str | None = None) -> tuple[DataFrame, DataFrame]:
+    """(user factors, item factors) as (u | idx, factors) DataFrames from Spark MLlib implicit ALS."""
     # Without checkpoints the lineage of ALS iterations grows until serialising a task overflows
     # the JVM stack (seen here at 15 iterations).
     if checkpoints and spark.sparkContext.getCheckpointDir() is None:
         spark.sparkContext.setCheckpointDir(checkpoints)
     model = ALS(userCol="u", itemCol="i", ratingCol="r", implicitPrefs=True, rank=rank, regParam=reg,
                 alpha=alpha, maxIter=iterations, seed=seed, coldStartStrategy="drop", checkpointInterval=5) \
-        .fit(data.select("u", "i", F.lit(1.0).alias("r")))
-    most_seen = data.groupBy("u").count().agg(F.max("count")).first()[0] or 0
-    recs = model.recommendForAllUsers(n + int(most_seen)) \
-        .select("u", F.posexplode("recommendations").alias("pos", "rec")) \
-        .select("u", F.col("rec.i").alias("i"), F.col("rec.rating").cast("double").alias("cf_score"))
-    recs = recs.join(data.select("u", "i"), ["u", "i"], "left_anti")
-    w = Window.partitionBy("u").orderBy(F.col("cf_score").desc(), F.col("i"))
-    top = recs.withColumn("cf_rank", F.row_number().over(w)).filter(F.col("cf_rank") <= n)
-    return top.join(users, "u").join(items, "i").select(
-        F.lit("als").alias("generator"), USER_ID, ITEM_ID, "cf_score", "cf_rank")
+        .fit(data.pairs.select("u", "i", F.lit(1.0).alias("r")))
+    return (model.userFactors.select(F.col("id").cast("long").alias("u"), F.col("features").alias("factors")),
+            model.itemFactors.select(F.col("id").cast("long").alias("idx"), F.col("features").alias("factors")))
 
 
-def train_bpr(u: np.ndarray, i: np.ndarray, n_users: int, n_items: int, dim: int, epochs: int, lr: float,
-              reg: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """BPR-MF by SGD on (user, positive, sampled negative) triples, vectorised per mini-batch."""
-    rng = np.random.default_rng(seed)
-    P = rng.normal(0, 0.1, (n_users, dim)).astype(np.float32)
-    Q = rng.normal(0, 0.1, (n_items, dim)).astype(np.float32)
-    seen = set(zip(u.tolist(), i.tolist()))
-    batch = 256
-    for _ in range(epochs):
-        order = rng.permutation(len(u))
-        for s in range(0, len(order), batch):
-            idx = order[s:s + batch]
-            bu, bi = u[idx], i[idx]
-            bj = rng.integers(0, n_items, len(idx))
-            for k in range(len(idx)):  # resample negatives that are positives
-                tries = 0
-                while (bu[k], bj[k]) in seen and tries < 10:
-                    bj[k] = rng.integers(0, n_items)
-                    tries += 1
-            pu, qi, qj = P[bu], Q[bi], Q[bj]
-            x = np.sum(pu * (qi - qj), axis=1)
-            g = (1.0 / (1.0 + np.exp(x)))[:, None]  # d/dx of -log sigmoid(x), negated
-            np.add.at(P, bu, lr * (g * (qi - qj) - reg * pu))
-            np.add.at(Q, bi, lr * (g * pu - reg * qi))
-            np.add.at(Q, bj, lr * (-g * pu - reg * qj))
-    return P, Q
+def torch_factors(data: Indexed, generator: str, c: CandidateSettings, path: str) -> tuple[DataFrame, DataFrame]:
+    """(user factors, item factors) of BPR-MF or LightGCN, trained on one worker (see topn.py)."""
+    if generator == "bpr":
+        params = BPRParams(c.bpr_dim, c.bpr_epochs, c.bpr_lr, c.bpr_reg, c.bpr_batch, c.seed)
+        trainer = lambda u, i, nu, ni: train_bpr(u, i, nu, ni, params, c.device)
+    else:
+        params = LightGCNParams(c.lightgcn_dim, c.lightgcn_layers, c.lightgcn_epochs, c.lightgcn_lr, c.lightgcn_reg,
+                                c.lightgcn_batch, c.seed)
+        trainer = lambda u, i, nu, ni: train_lightgcn(u, i, nu, ni, params, c.device)
+    factors = train_on_one_worker(data.pairs, data.n_users, data.n_items, trainer, path)
+    return (factors.filter(F.col("side") == "u").select(F.col("idx").alias("u"), "factors"),
+            factors.filter(F.col("side") == "i").select("idx", "factors"))
 
 
-def bpr_candidates(spark: SparkSession, train: DataFrame, n: int, dim: int, epochs: int, lr: float,
-                   reg: float, seed: int) -> DataFrame:
-    pdf = train.select(USER_ID, ITEM_ID).toPandas()
-    users = np.array(sorted(pdf[USER_ID].unique()), dtype=object)
-    items = np.array(sorted(pdf[ITEM_ID].unique()), dtype=object)
-    u = pd.Index(users).get_indexer(pdf[USER_ID])
-    i = pd.Index(items).get_indexer(pdf[ITEM_ID])
-    P, Q = train_bpr(u, i, len(users), len(items), dim, epochs, lr, reg, seed)
-    seen: dict[int, list[int]] = {}
-    for a, b in zip(u, i):
-        seen.setdefault(int(a), []).append(int(b))
-    rows = []
-    for s in range(0, len(users), 2048):
-        scores = P[s:s + 2048] @ Q.T
-        for r in range(scores.shape[0]):
-            scores[r, seen.get(s + r, [])] = -np.inf
-        k = min(n, len(items))
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        for r in range(scores.shape[0]):
-            order = top[r][np.lexsort((top[r], -scores[r, top[r]]))]
-            for rank, j in enumerate(order, start=1):
-                if np.isfinite(scores[r, j]):
-                    rows.append(("bpr", users[s + r], items[j], float(scores[r, j]), rank))
-    return spark.createDataFrame(rows, "generator string, user_id string, item_id string, cf_score double, "
-                                       "cf_rank int")
+def model_candidates(spark: SparkSession, train: DataFrame, generator: str, c: CandidateSettings,
+                     work: str) -> DataFrame:
+    """generator, user_id, item_id, cf_score, cf_rank: the top `c.top_n` unseen items of every user
+    the generator has factors for, by the one distributed top-N (topn.py)."""
+    data = Indexed.of(train)
+    if generator == "als":
+        users, items = als_factors(spark, data, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations, c.seed,
+                                   f"{work}/checkpoints")
+    else:
+        users, items = torch_factors(data, generator, c, f"{work}/factors/{generator}")
+    Q = item_matrix(items, data.n_items, c.item_factors_budget_mb)
+    top = top_n_unseen(spark, users, data.pairs, Q, c.top_n, c.score_block_mb)
+    found = data.named(top, generator).persist()
+    found.count()  # materialised before the id maps it was built from are released
+    data.unpersist()
+    return found
 
 
 def training_interactions(store: TableStore, mode: str) -> DataFrame:
@@ -151,13 +145,8 @@ def generate(spark: SparkSession, cfg: Config, generator: str, interactions: Dat
     """Candidate rows (CANDIDATES columns) of one generator for cfg.mode, and the generator's own
     rows, persisted (read by the fallback and the write): unpersist them after writing."""
     c = cfg.candidates
-    if generator == "als":
-        found = als_candidates(spark, interactions, c.top_n, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations,
-                               c.seed, cfg.work_dir("checkpoints"))
-    else:
-        found = bpr_candidates(spark, interactions, c.top_n, c.bpr_dim, c.bpr_epochs, c.bpr_lr, c.bpr_reg, c.seed)
-    found = found.select(USER_ID, ITEM_ID, "cf_score", "cf_rank", F.lit(FROM_MODEL).alias("source")).persist()
-    rows = found
+    found = model_candidates(spark, interactions, generator, c, cfg.work_dir(f"candidates/{cfg.mode}"))
+    rows = found.select(USER_ID, ITEM_ID, "cf_score", "cf_rank", F.lit(FROM_MODEL).alias("source"))
     if cfg.mode == PRODUCTION:
         rows = rows.unionByName(popular_fallback(found, interactions, c.top_n).withColumn("source",
                                                                                         F.lit(FROM_POPULAR)))

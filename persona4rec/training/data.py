@@ -33,26 +33,48 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
     return train, val
 
 
-def unique_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled batches in which no user and no item appears twice.
+def unique_batches(examples: list[Example], batch_size: int, rng: random.Random,
+                   scan: int = 64) -> list[list[int]]:
+    """Shuffled batches in which no user and no item appears twice; every example once per epoch.
 
     With in-batch negatives, a second pair of the same user or item in the batch would be scored
-    as a negative although it is a positive: a false negative. An example that does not fit the
-    current batch waits for the next one; every example is used once per epoch.
+    as a negative although it is a positive: a false negative. One pass over the shuffled
+    examples, first fit: each goes to the first batch that is not full and holds neither its user
+    nor its item, looking at no more than `scan` open batches; past that it goes to the first open
+    batch after every batch holding its user or item (which therefore holds neither). So the work
+    per example is bounded — rescanning everything pending for each batch was quadratic, and a
+    user with thousands of pairs made first fit scan thousands of batches per pair.
     """
-    pending = list(range(len(examples)))
-    rng.shuffle(pending)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
     batches: list[list[int]] = []
-    while pending:
-        batch, users, items, rest = [], set(), set(), []
-        for i in pending:
-            e = examples[i]
-            if len(batch) < batch_size and e.user_id not in users and e.item_id not in items:
-                batch.append(i)
-                users.add(e.user_id)
-                items.add(e.item_id)
-            else:
-                rest.append(i)
-        batches.append(batch)
-        pending = rest
+    users: list[set[str]] = []
+    items: list[set[str]] = []
+    after_user: dict[str, int] = {}
+    after_item: dict[str, int] = {}
+    first_open = 0
+    for i in order:
+        e = examples[i]
+        b, tried = first_open, 0
+        while b < len(batches) and tried < scan:
+            if len(batches[b]) < batch_size:
+                if e.user_id not in users[b] and e.item_id not in items[b]:
+                    break
+                tried += 1
+            b += 1
+        if tried == scan:
+            b = max(b, after_user.get(e.user_id, 0), after_item.get(e.item_id, 0))
+            while b < len(batches) and len(batches[b]) >= batch_size:
+                b += 1
+        if b == len(batches):
+            batches.append([])
+            users.append(set())
+            items.append(set())
+        batches[b].append(i)
+        users[b].add(e.user_id)
+        items[b].add(e.item_id)
+        after_user[e.user_id] = max(after_user.get(e.user_id, 0), b + 1)
+        after_item[e.item_id] = max(after_item.get(e.item_id, 0), b + 1)
+        while first_open < len(batches) and len(batches[first_open]) >= batch_size:
+            first_open += 1
     return batches
