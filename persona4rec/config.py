@@ -256,6 +256,10 @@ class ScoringSettings:
     # auto = the α the evaluate job chose on validation, stored as a tag of the model version.
     alpha: float | Literal["auto"] = 1.0
     explanation_max_chars: int = 240
+    # The persona index (items × max personas × d) is broadcast while it fits this budget, else
+    # scored in item blocks of this size (see scoring/blocks.py); float16 halves it.
+    index_budget_mb: float = 1024.0
+    index_dtype: Literal["float32", "float16"] = "float32"
     run_date: str | None = None  # YYYY-MM-DD; null = today (UTC)
     history_splits: tuple[str, ...] = ("train",)  # interactions that make the user vector
 
@@ -386,6 +390,7 @@ class Config:
                "must be auto, cpu or cuda[:N]")
         _check(1 <= self.scoring.top_k <= self.candidates.top_n, "scoring.top_k", self.scoring.top_k,
                f"must be within 1..candidates.top_n ({self.candidates.top_n})")
+        _check(self.scoring.index_budget_mb > 0, "scoring.index_budget_mb", self.scoring.index_budget_mb, "must be > 0")
         _check(self.scoring.alpha == "auto" or 0 <= self.scoring.alpha <= 1, "scoring.alpha", self.scoring.alpha,
                "must be within [0, 1] or auto")
         _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1 or null")

@@ -8,7 +8,8 @@ import pytest
 from pyspark.sql import functions as F
 
 from persona4rec.evaluation import metrics
-from persona4rec.evaluation.job import choose_alpha, paired_bootstrap
+from persona4rec.evaluation.bootstrap import poisson_weights, ratio_interval
+from persona4rec.evaluation.job import choose_alpha, row_numbers
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
 from persona4rec.scoring.score import ScoringIndex
 
@@ -27,16 +28,49 @@ def test_hand_computed_hit_at_rank_1_rank_10_and_a_miss():
     assert both == {"hr@10": 0.5, "mrr@10": 0.5, "ndcg@10": 0.5}
 
 
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
+    """The classical paired bootstrap (users resampled with replacement), the reference."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(samples, len(a)))
+    base, new = a[idx].mean(axis=1), b[idx].mean(axis=1)
+    ratios = new[base > 0] / base[base > 0]
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
 @pytest.mark.unit
-def test_paired_bootstrap_is_reproducible_and_brackets_the_ratio():
+def test_poisson_weights_are_poisson_1_and_a_pure_function_of_seed_replicate_and_user():
+    h = np.arange(20_000, dtype=np.int64) * 7919
+    w = poisson_weights(h, 50, seed=3)
+    assert w.mean() == pytest.approx(1.0, abs=0.01) and w.var() == pytest.approx(1.0, abs=0.02)
+    assert (w == 0).mean() == pytest.approx(np.exp(-1), abs=0.005)
+    assert np.array_equal(w[100:200], poisson_weights(h[100:200], 50, seed=3))  # batching does not matter
+    assert not np.array_equal(w, poisson_weights(h, 50, seed=4))
+    assert abs(np.corrcoef(w[:, 0], w[:, 1])[0, 1]) < 0.03  # replicates independent
+
+
+@pytest.mark.spark
+def test_distributed_bootstrap_brackets_the_ratio_like_the_classical_one_whatever_the_partitioning(spark):
     rng = np.random.default_rng(0)
-    a = rng.uniform(0, 1, 300)
-    b = a * 1.2
-    lo, hi = paired_bootstrap(a, b, 500, seed=3)
-    assert (lo, hi) == paired_bootstrap(a, b, 500, seed=3)
+    a = rng.uniform(0, 1, 3000)
+    users = [f"U{u}" for u in range(len(a))]
+    scaled = spark.createDataFrame(list(zip(users, a.tolist(), (a * 1.2).tolist())), "user_id string, a double, b double")
+    lo, hi = ratio_interval(scaled, 200, seed=3)
     assert lo == pytest.approx(1.2) and hi == pytest.approx(1.2)
-    lo, hi = paired_bootstrap(a, rng.uniform(0, 1, 300), 500, seed=3)
-    assert lo < 1.0 < hi
+    b = np.clip(a + rng.normal(0.05, 0.3, len(a)), 0, None)
+    df = spark.createDataFrame(list(zip(users, a.tolist(), b.tolist())), "user_id string, a double, b double")
+    one, many = ratio_interval(df.repartition(1), 400, seed=3), ratio_interval(df.repartition(7), 400, seed=3)
+    assert one == pytest.approx(many, abs=1e-12)
+    ref = paired_bootstrap(a, b, 2000, seed=3)
+    assert one[0] < b.mean() / a.mean() < one[1]
+    assert one == pytest.approx(ref, abs=0.01)
+
+
+@pytest.mark.spark
+def test_row_numbers_follow_the_global_order_across_partitions(spark):
+    df = spark.createDataFrame([(f"U{u:03d}", u % 7) for u in range(200)], "user_id string, c long").repartition(5)
+    got = [(r["user_id"], r["_r"]) for r in row_numbers(df, F.col("c").desc(), "user_id").collect()]
+    want = sorted(((f"U{u:03d}", u % 7) for u in range(200)), key=lambda t: (-t[1], t[0]))
+    assert sorted(got, key=lambda t: t[1]) == [(u, n) for n, (u, _) in enumerate(want, start=1)]
 
 
 @pytest.mark.spark

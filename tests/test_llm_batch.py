@@ -20,7 +20,7 @@ from persona4rec.config import ConfigError, load_config
 from persona4rec.errors import BatchesPending
 from persona4rec.llm.batch import BatchRun, judge, plan_files
 from persona4rec.llm.fake_server import FakeLLMServer, request_hash, schema_responder
-from persona4rec.llm.runner import REQUEST_SCHEMA, Endpoint, LLMRunner, LLMTask, make_request
+from persona4rec.llm.runner import REQUEST_SCHEMA, Endpoint, LLMRunner, make_request
 from persona4rec.offline import tasks
 from persona4rec.schemas import LLM_BATCH_REQUESTS, LLM_BATCHES, LLM_CALLS
 from persona4rec.tables import TableStore

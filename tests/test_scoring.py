@@ -178,3 +178,48 @@ def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
     with pytest.raises(InputError, match=r"1 user\(s\) to score have no user vector for model version v1 .*'U99'"):
         score.run(spark, cfg)
     assert store.read("recommendations").count() == 300  # nothing was written
+
+
+def recommendations(store):
+    return {(r.user_id, r["rank"]): r for r in store.read("recommendations").collect()}
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("alpha", ["1.0", "0.5"])
+def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark, tmp_path, alpha):
+    cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", f"scoring.alpha={alpha}",
+                      "scoring.top_k=10")
+    store, _, _ = synthetic(spark, cfg)
+    # an item the index lacks, among U1's candidates: no persona score on either path
+    store.upsert(spark.createDataFrame([("evaluation", "bpr", "U1", "I999", 20.0, 13, "cf")], CANDIDATES.schema),
+                 CANDIDATES)
+    score.run(spark, cfg)
+    broadcast = recommendations(store)
+    # the index is 25 items × 3 personas × 16 dims × 4 bytes ≈ 0.0046 MB: a 0.001 MB budget makes 7 blocks
+    blocked_cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", f"scoring.alpha={alpha}",
+                              "scoring.top_k=10", "scoring.index_budget_mb=0.001")
+    score.run(spark, blocked_cfg)
+    blocked = recommendations(store)
+    assert len(list((tmp_path / "warehouse").rglob("_persona_blocks/evaluation/bpr/block=*"))) >= 5
+    assert broadcast.keys() == blocked.keys() and len(blocked) == 300
+    for key, a in broadcast.items():
+        b = blocked[key]
+        for col in ("item_id", "persona_id", "persona_name", "explanation", "cf_rank", "has_history", "path"):
+            assert a[col] == b[col], (key, col)
+        assert b.score == pytest.approx(a.score, abs=1e-6)  # float32 sums in another order
+        assert (a.persona_score is None and b.persona_score is None) or \
+            b.persona_score == pytest.approx(a.persona_score, abs=1e-6)
+
+
+@pytest.mark.spark
+def test_a_float16_index_scores_within_1e_3_of_float32(spark, tmp_path):
+    cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", "scoring.top_k=12")
+    store, _, _ = synthetic(spark, cfg)
+    score.run(spark, cfg)
+    full = {(r.user_id, r.item_id): r.persona_score for r in recommendations(store).values()}
+    for budget in ("1024", "0.001"):  # broadcast and blocked
+        score.run(spark, make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", "scoring.top_k=12",
+                                     "scoring.index_dtype=float16", f"scoring.index_budget_mb={budget}"))
+        half = {(r.user_id, r.item_id): r.persona_score for r in recommendations(store).values()}
+        assert half.keys() == full.keys()  # top 12 of 12 candidates: every pair on both sides
+        assert max(abs(half[k] - full[k]) for k in full) < 1e-3

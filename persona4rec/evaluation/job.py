@@ -26,13 +26,14 @@ import tempfile
 
 import mlflow
 import numpy as np
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.config import EVALUATION, Config
 from persona4rec.errors import InputError
-from persona4rec.evaluation.metrics import ndcg, spark_metrics
+from persona4rec.evaluation.bootstrap import ratio_interval
+from persona4rec.evaluation.metrics import metric_columns, spark_metrics
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
 from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_PERSONAS,
                                  ITEM_SUMMARIES, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
@@ -73,20 +74,26 @@ class Embedded:
             df.unpersist()
 
 
+def row_numbers(df: DataFrame, *order) -> DataFrame:
+    """df + `_r` = 1-based position in `order`, computed without a one-partition window: a global
+    sort (range-partitioned) numbered in place by zipWithIndex."""
+    ordered = df.orderBy(*order)
+    schema = ordered.schema.add("_r", "long", False)
+    return ordered.rdd.zipWithIndex().map(lambda r: (*r[0], r[1] + 1)).toDF(schema)
+
+
 def scenario_labels(splits: DataFrame, cfg: Config) -> DataFrame:
     """user_id, item_id (held-out items of validation and test) → scenario names they belong to."""
     ev = cfg.evaluation
     train = splits.filter(F.col(SPLIT) == TRAIN)
     activity = train.groupBy(USER_ID).count()
-    w_users = Window.orderBy(F.col("count").desc(), F.xxhash64(USER_ID), USER_ID)
     n_users = activity.count()
-    groups = activity.withColumn("_r", F.row_number().over(w_users)).select(
+    groups = row_numbers(activity, F.col("count").desc(), F.xxhash64(USER_ID), USER_ID).select(
         USER_ID, F.when(F.col("_r") <= ev.user_group_fraction * n_users, "warm_users")
         .when(F.col("_r") > (1 - ev.user_group_fraction) * n_users, "cold_users").alias("user_group"))
     popularity = train.groupBy(ITEM_ID).count()
     n_items = popularity.count()
-    w_items = Window.orderBy(F.col("count").desc(), ITEM_ID)
-    heads = popularity.withColumn("_r", F.row_number().over(w_items)).select(
+    heads = row_numbers(popularity, F.col("count").desc(), ITEM_ID).select(
         ITEM_ID, F.when(F.col("_r") <= ev.head_item_fraction * n_items, "head_items").otherwise("tail_items")
         .alias("item_group"))
     held = splits.filter(F.col(SPLIT) != TRAIN).select(SPLIT, USER_ID, ITEM_ID)
@@ -100,17 +107,6 @@ def with_scenarios(ranks: DataFrame, labels: DataFrame) -> DataFrame:
     j = ranks.join(labels, [SPLIT, USER_ID], "left")
     return j.withColumn("scenario", F.explode(F.array_compact(F.array(
         F.lit("all"), F.col("user_group"), F.col("item_group"))))).drop("user_group", "item_group")
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
-    """95% interval of mean(b) / mean(a) over users resampled with replacement (pairs kept)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(samples, len(a)))
-    base, new = a[idx].mean(axis=1), b[idx].mean(axis=1)
-    ratios = new[base > 0] / base[base > 0]
-    if not len(ratios):
-        return float("nan"), float("nan")
-    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
 
 
 def choose_alpha(val: DataFrame, k: int) -> tuple[float, dict[float, float]]:
@@ -223,18 +219,16 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         table = {(r[SPLIT], r["generator"], r["variant"], r["k"]): r for r in rows}
         summary = {"run_id": run_id, "encoder_vanilla": base.version, "encoder_finetuned": champion.version,
                    "alpha": alphas, "generators": {}}
-        per_user = {}
-        for r in ranks.filter(F.col(SPLIT) == TEST).select("generator", "variant", USER_ID, "target_rank").collect():
-            per_user.setdefault((r["generator"], r["variant"]), {})[r[USER_ID]] = r["target_rank"]
+        test_ndcg = ranks.filter(F.col(SPLIT) == TEST).select(
+            "generator", "variant", USER_ID, metric_columns(F.col("target_rank"), 10)["ndcg"].alias("ndcg"))
         for gen in generators:
-            gen_ranks = per_user[(gen, "generator")]
-            users = sorted(gen_ranks)
-            a = np.array([ndcg(gen_ranks[u], 10) for u in users])
-            b = np.array([ndcg(per_user[(gen, "finetuned")][u], 10) for u in users])
-            low, high = paired_bootstrap(a, b, ev.bootstrap_samples, ev.seed)
+            of = lambda variant, name: test_ndcg.filter((F.col("generator") == gen) & (F.col("variant") == variant)) \
+                .select(USER_ID, F.col("ndcg").alias(name))
+            pairs = of("generator", "a").join(of("finetuned", "b"), USER_ID, "left").fillna(0.0, ["b"])
+            low, high = ratio_interval(pairs, ev.bootstrap_samples, ev.seed)
             cell = lambda variant, metric, k=10: table[(TEST, gen, variant, k)][metric]
             summary["generators"][gen] = {
-                "users": len(users), "alpha": alphas[gen],
+                "users": int(cell("generator", "users")), "alpha": alphas[gen],
                 **{f"{m}{k}_{v}": round(cell(v, m, k), 5) for v in sorted({key[2] for key in table})
                    for m in ("ndcg", "hr", "mrr") for k in ev.ks},
                 "ndcg10_gain_ci": [round(low, 4), round(high, 4)]}

@@ -22,16 +22,17 @@ class PersonaMatrix:
     slots: np.ndarray  # (items, max_personas) int64: input position of the persona, -1 where padded
 
     @staticmethod
-    def build(item_ids, vectors) -> "PersonaMatrix":
+    def build(item_ids, vectors, dtype: str = "float32") -> "PersonaMatrix":
         """From parallel sequences (one entry per persona; vectors L2-normalised); `slots` maps
-        each cell back to its position in those sequences."""
+        each cell back to its position in those sequences. dtype float16 halves the tensor
+        (scores are computed in float32 and agree within 1e-3)."""
         order: dict[str, list[int]] = {}
         for n, item in enumerate(item_ids):
             order.setdefault(item, []).append(n)
         items = sorted(order)
         width = max((len(v) for v in order.values()), default=1)
         d = len(vectors[0]) if len(vectors) else 0
-        vec = np.zeros((len(items), width, d), dtype=np.float32)
+        vec = np.zeros((len(items), width, d), dtype=dtype)
         mask = np.zeros((len(items), width), dtype=bool)
         slots = np.full((len(items), width), -1, dtype=np.int64)
         for r, item in enumerate(items):

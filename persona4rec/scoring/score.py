@@ -38,6 +38,7 @@ from persona4rec.config import PRODUCTION, Config
 from persona4rec.errors import InputError
 from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, REVIEWS,
                                  USER_ID, USER_VECTORS)
+from persona4rec.scoring.blocks import block_count, blocked_persona_scores, index_megabytes
 from persona4rec.scoring.explain import explanation, sanitize
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
 from persona4rec.scoring.users import refresh as refresh_user_vectors
@@ -58,7 +59,7 @@ class ScoringIndex:
     explanation: pa.Array
 
     @staticmethod
-    def build(table: pa.Table, max_chars: int) -> "ScoringIndex":
+    def build(table: pa.Table, max_chars: int, dtype: str = "float32") -> "ScoringIndex":
         """From the persona_index columns item_id, persona_id, name, description,
         preference_rationale, embedding (an Arrow table: no per-float Python objects)."""
         emb = table.column("embedding").combine_chunks()
@@ -66,7 +67,7 @@ class ScoringIndex:
         vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(emb), d)
         cols = {c: table.column(c).to_pylist() for c in (ITEM_ID, "persona_id", "name", "description",
                                                          "preference_rationale")}
-        pm = PersonaMatrix.build(cols[ITEM_ID], vectors)
+        pm = PersonaMatrix.build(cols[ITEM_ID], vectors, dtype)
         slots = pm.slots.ravel()
         pick = lambda values: [values[n] if n >= 0 else None for n in slots]
         names = [sanitize(v, 60) for v in cols["name"]]
@@ -87,23 +88,30 @@ class Ranked:
     slot: np.ndarray  # -1 where no persona explains the pick (no history, or item not indexed)
 
 
-def rank_candidates(users: np.ndarray, has: np.ndarray, counts: np.ndarray, rows: np.ndarray, cf: np.ndarray,
-                    cf_rank: np.ndarray, pm: PersonaMatrix, alpha: float, top_k: int | None) -> Ranked:
+def rank_candidates(users: np.ndarray | None, has: np.ndarray, counts: np.ndarray, rows: np.ndarray | None,
+                    cf: np.ndarray, cf_rank: np.ndarray, pm: PersonaMatrix | None, alpha: float, top_k: int | None,
+                    persona: np.ndarray | None = None) -> Ranked:
     """Rerank every user's candidates (flat arrays + per-user counts) by Eq. 10 blended with CF.
 
     Users with history: final = blend(max-sim, CF); a candidate the index lacks gets the user's
     lowest persona score (never a free win). Users without history keep the CF order. Ties go to
-    the better CF rank. top_k None keeps every candidate (evaluation)."""
+    the better CF rank. top_k None keeps every candidate (evaluation). `persona` given (max-sim
+    per candidate already computed, NaN where none: the blocked path) replaces users/rows/pm; the
+    returned `slot` is then the candidate's flat position where it has a persona score."""
     owner, pos, starts = segments(counts)
     n, width = len(counts), int(counts.max()) if len(counts) else 0
-    persona = np.full(len(rows), np.nan)
-    best = np.full(len(rows), -1, dtype=np.int64)
-    live = (rows >= 0) & has[owner]
-    if live.any():
-        s, b = max_sim(users[owner[live]], rows[live], pm)
-        persona[live], best[live] = s, b
+    best = np.full(len(cf), -1, dtype=np.int64)
+    if persona is None:
+        persona = np.full(len(rows), np.nan)
+        live = (rows >= 0) & has[owner]
+        if live.any():
+            s, b = max_sim(users[owner[live]], rows[live], pm)
+            persona[live], best[live] = s, b
+    else:
+        persona = np.where(has[owner], persona, np.nan)
+        best = np.where(np.isnan(persona), -1, np.arange(len(persona)))
     shape = (n, width)
-    valid = pad(np.ones(len(rows), dtype=bool), owner, pos, shape, False)
+    valid = pad(np.ones(len(cf), dtype=bool), owner, pos, shape, False)
     p = pad(persona, owner, pos, shape, np.nan)
     finite = valid & ~np.isnan(p)
     floor = np.where(finite, p, np.inf).min(axis=1, keepdims=True)
@@ -118,7 +126,7 @@ def rank_candidates(users: np.ndarray, has: np.ndarray, counts: np.ndarray, rows
     u, c = user_of[keep], order[keep]
     flat = starts[u] + c
     rank = np.broadcast_to(np.arange(1, order.shape[1] + 1)[None, :], order.shape)[keep]
-    slot = np.where(best[flat] >= 0, rows[flat] * pm.mask.shape[1] + best[flat], -1)
+    slot = best[flat] if rows is None else np.where(best[flat] >= 0, rows[flat] * pm.mask.shape[1] + best[flat], -1)
     return Ranked(u, flat, rank.astype(np.int32), final[u, c], persona[flat], slot)
 
 
@@ -185,9 +193,9 @@ OUTPUT_DDL = ("user_id string, rank int, item_id string, score double, persona_s
               "persona_id string, persona_name string, explanation string, has_history boolean, path string")
 
 
-def scoring_index(index: DataFrame, max_chars: int) -> ScoringIndex:
+def scoring_index(index: DataFrame, max_chars: int, dtype: str = "float32") -> ScoringIndex:
     return ScoringIndex.build(index.select(ITEM_ID, "persona_id", "name", "description", "preference_rationale",
-                                           "embedding").toArrow(), max_chars)
+                                           "embedding").toArrow(), max_chars, dtype)
 
 
 def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex,
@@ -207,13 +215,26 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
               model_version: str, run_date: dt.date, generator: str, alpha: float | None = None) -> DataFrame:
     """candidates (user_id, item_id, cf_score, cf_rank, source) + user_vectors (user_id, vector) +
     the persona index → the recommendations rows of every user with candidates, in cfg.mode.
-    alpha: the blend weight (default: scoring.alpha, which must then be a number)."""
+    alpha: the blend weight (default: scoring.alpha, which must then be a number).
+
+    The persona index is broadcast while its padded tensor fits `scoring.index_budget_mb` (in
+    `scoring.index_dtype`), else scored in item blocks (blocks.py); both give the same rows."""
     sc = cfg.scoring
-    si = scoring_index(index, sc.explanation_max_chars)
+    alpha = float(sc.alpha if alpha is None else alpha)
+    megabytes, items, width, d = index_megabytes(index, np.dtype(sc.index_dtype).itemsize)
+    if megabytes > sc.index_budget_mb:
+        blocks = block_count(megabytes, sc.index_budget_mb)
+        log.info("persona index %d items × %d personas × %d dims = %.0f MB (%s) > scoring.index_budget_mb %g: "
+                 "scored in %d item blocks", items, width, d, megabytes, sc.index_dtype, sc.index_budget_mb, blocks)
+        rows = blocked_recommendations(spark, candidates, user_vectors, index, cfg, alpha, blocks,
+                                       cfg.work_dir(f"persona_blocks/{cfg.mode}/{generator}"))
+        return rows.select(F.lit(run_date).alias("run_date"), F.lit(cfg.mode).alias("mode"),
+                           F.lit(generator).alias("generator"), F.lit(model_version).alias("model_version"), "*")
+    si = scoring_index(index, sc.explanation_max_chars, sc.index_dtype)
     bc = spark.sparkContext.broadcast(si)
     users = user_candidates(spark, candidates, si, per_user=("source",)).join(
         user_vectors.select(USER_ID, "vector"), USER_ID, "left")
-    alpha, top_k = float(sc.alpha if alpha is None else alpha), sc.top_k
+    top_k = sc.top_k
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         si_ = bc.value
@@ -223,6 +244,71 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
     return users.mapInArrow(score, OUTPUT_DDL).select(
         F.lit(run_date).alias("run_date"), F.lit(cfg.mode).alias("mode"), F.lit(generator).alias("generator"),
         F.lit(model_version).alias("model_version"), "*")
+
+
+def explanations(index: DataFrame, max_chars: int) -> DataFrame:
+    """persona_id, persona_name, explanation: the e-mail texts of every persona, computed where the
+    personas are (the blocked path never gathers them)."""
+
+    def texts(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for f in frames:
+            yield pd.DataFrame({
+                "persona_id": f["persona_id"],
+                "persona_name": [sanitize(v, 60) for v in f["name"]],
+                "explanation": [explanation(a, b, c, max_chars)
+                                for a, b, c in zip(f["name"], f["description"], f["preference_rationale"])]})
+
+    return index.select("persona_id", "name", "description", "preference_rationale").mapInPandas(
+        texts, "persona_id string, persona_name string, explanation string")
+
+
+RANKED_DDL = ("user_id string, rank int, item_id string, score double, persona_score double, cf_rank int, "
+              "persona_id string, has_history boolean, path string")
+
+
+def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame,
+                            cfg: Config, alpha: float, blocks: int, path: str) -> DataFrame:
+    """The OUTPUT_DDL rows of `recommend` with the persona index in item blocks: per-candidate
+    max-sim from blocks.py, then per user the same blend and ranking, then the explanations joined."""
+    sc = cfg.scoring
+    partitions = max(blocks, int(spark.conf.get("spark.sql.shuffle.partitions")))
+    scores = blocked_persona_scores(candidates, user_vectors, index, path, blocks, sc.index_dtype, partitions)
+    users = candidates.join(scores, [USER_ID, ITEM_ID], "left").groupBy(USER_ID).agg(
+        F.max("source").alias("source"),
+        F.collect_list(F.struct(ITEM_ID, "cf_score", "cf_rank", "persona_score", "persona_id")).alias("cands")) \
+        .join(user_vectors.select(USER_ID, F.col("vector").isNotNull().alias("has")), USER_ID, "left")
+    top_k = sc.top_k
+
+    def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            has = batch.column("has").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+            cands = batch.column("cands")
+            fields = dict(zip([f.name for f in cands.type.value_type], cands.flatten().flatten()))
+            cf = fields["cf_score"].to_numpy(zero_copy_only=False).astype(np.float64)
+            cf_rank = fields["cf_rank"].to_numpy(zero_copy_only=False).astype(np.int64)
+            persona = fields["persona_score"].to_numpy(zero_copy_only=False).astype(np.float64)
+            r = rank_candidates(None, has, _list_counts(cands), None, cf, cf_rank, None, alpha, top_k, persona)
+            explained = r.slot >= 0
+            yield pa.RecordBatch.from_arrays([
+                batch.column(USER_ID).take(pa.array(r.user)).cast(pa.string()),
+                pa.array(r.rank, pa.int32()),
+                fields[ITEM_ID].take(pa.array(r.candidate)).cast(pa.string()),
+                pa.array(np.where(has[r.user], r.score, cf[r.candidate]), pa.float64()),
+                pa.array(r.persona_score, pa.float64(), mask=np.isnan(r.persona_score)),
+                pa.array(cf_rank[r.candidate].astype(np.int32), pa.int32()),
+                fields["persona_id"].take(pa.array(np.where(explained, r.candidate, 0), mask=~explained))
+                .cast(pa.string()),
+                pa.array(has[r.user], pa.bool_()),
+                batch.column("source").take(pa.array(r.user)).cast(pa.string()),
+            ], names=RANKED_DDL_NAMES)
+
+    ranked = users.mapInArrow(rank, RANKED_DDL)
+    return ranked.join(explanations(index, sc.explanation_max_chars), "persona_id", "left").select(
+        USER_ID, "rank", ITEM_ID, "score", "persona_score", "cf_rank", "persona_id", "persona_name",
+        F.coalesce("explanation", F.lit(GENERIC_EXPLANATION)).alias("explanation"), "has_history", "path")
+
+
+RANKED_DDL_NAMES = [c.split()[0] for c in RANKED_DDL.split(", ")]
 
 
 def resolve_alpha(cfg: Config, model_version: str, generator: str) -> float:
