@@ -383,6 +383,8 @@ class Config:
         _check(len(c.generators) >= 1, "candidates.generators", c.generators, "must name at least one generator")
         _check(c.item_factors_budget_mb > 0 and c.score_block_mb > 0, "candidates.item_factors_budget_mb",
                c.item_factors_budget_mb, "budgets (item_factors_budget_mb, score_block_mb) must be > 0")
+        _check(min(c.bpr_lr, c.lightgcn_lr) > 0 and min(c.bpr_reg, c.lightgcn_reg) >= 0, "candidates",
+               "bpr_lr/lightgcn_lr/bpr_reg/lightgcn_reg", "learning rates must be > 0 and regularisation >= 0")
         _check(min(c.bpr_dim, c.bpr_epochs, c.bpr_batch, c.lightgcn_dim, c.lightgcn_layers, c.lightgcn_epochs,
                    c.lightgcn_batch) >= 1, "candidates", "bpr_*/lightgcn_*",
                "dims, epochs, layers and batch sizes must be >= 1")
@@ -400,6 +402,7 @@ class Config:
         _check(len(ev.ks) >= 1 and all(k >= 1 for k in ev.ks), "evaluation.ks", ev.ks, "must be positive cut-offs")
         _check(len(ev.alpha_grid) >= 1 and all(0 <= a <= 1 for a in ev.alpha_grid), "evaluation.alpha_grid",
                ev.alpha_grid, "must be values within [0, 1]")
+        _check(ev.bootstrap_samples >= 1, "evaluation.bootstrap_samples", ev.bootstrap_samples, "must be >= 1")
         _check(all(n >= 1 for n in ev.persona_caps), "evaluation.persona_caps", ev.persona_caps, "must be >= 1")
         _check(0 < ev.user_group_fraction <= 0.5, "evaluation.user_group_fraction", ev.user_group_fraction,
                "must be within (0, 0.5]")
@@ -421,6 +424,18 @@ class Config:
 def _file_path(path: str) -> str:
     """`file:///x` → `/x`, for open(); anything else unchanged."""
     return urllib.parse.urlparse(path).path if path.lower().startswith("file:") else path
+
+
+def spark_path(path: str) -> str:
+    """A work-folder path (a filesystem path every executor sees) as Spark must be given it: a
+    Databricks FUSE path `/dbfs/x` is `dbfs:/x` to Spark, a Unity Catalog volume `/Volumes/...` is
+    understood as is, and any other absolute path is qualified `file:` so that Spark never
+    resolves it against a cluster's default filesystem (HDFS) while Python reads it locally."""
+    if path.startswith("/dbfs/"):
+        return "dbfs:/" + path[len("/dbfs/"):]
+    if path.startswith("/Volumes/") or _URI.match(path):
+        return path
+    return "file:" + path
 
 
 def _is_object_store(path: str) -> bool:

@@ -2,14 +2,13 @@
 
 import numpy as np
 import pytest
-from pyspark.sql import functions as F
 
 from conftest import make_config
 from persona4rec.errors import InputError
 from persona4rec.scoring import candidates
 from persona4rec.scoring.factorize import (BPRParams, LightGCNParams, NegativeSampler, normalised_adjacency,
                                            train_bpr, train_lightgcn)
-from persona4rec.scoring.topn import item_matrix, top_n_rows
+from persona4rec.scoring.topn import check_item_budget, item_matrix, top_n_rows, write_factors
 
 
 def brute_top_n(U, Q, seen: list[set[int]], n: int) -> list[list[tuple[int, float]]]:
@@ -39,6 +38,19 @@ def test_top_n_rows_equals_brute_force_whatever_the_block(block_elems):
         assert [j for j, _ in g] == [j for j, _ in w]
         np.testing.assert_allclose([s for _, s in g], [s for _, s in w], rtol=1e-5)
     assert got[4] == [] and len(got[3]) == 1  # everything seen → nothing; one unseen → one
+
+
+@pytest.mark.unit
+def test_ties_across_the_cut_off_go_to_the_smaller_item_id():
+    U = np.ones((3, 2), dtype=np.float32)
+    Q = np.zeros((50, 2), dtype=np.float32)  # every item ties at 0 ...
+    Q[40] = 1.0  # ... but one
+    seen = np.array([40, 3], dtype=np.int64)  # user 1 saw item 40, user 2 saw item 3
+    rows, items, _, _ = top_n_rows(U, seen, np.array([0, 1, 1]), Q, 4, 10_000)
+    got = {r: items[rows == r].tolist() for r in range(3)}
+    assert got == {0: [40, 0, 1, 2], 1: [0, 1, 2, 3], 2: [40, 0, 1, 2]}
+    rows, items, _, _ = top_n_rows(U[2:], np.array([3], dtype=np.int64), np.array([1]), Q[:10], 4, 10_000)
+    assert items.tolist() == [0, 1, 2, 4]
 
 
 @pytest.mark.unit
@@ -125,9 +137,15 @@ def test_every_generator_gives_top_n_unseen_items_and_a_heavy_user_costs_only_it
 
 
 @pytest.mark.spark
-def test_item_factors_over_the_broadcast_budget_are_refused_by_name(spark):
-    df = spark.createDataFrame([(0, [0.0] * 256), (1, [0.0] * 256)], "idx long, factors array<float>")
+def test_item_factors_over_the_budget_are_refused_by_name_and_workers_read_them_from_the_folder(spark, tmp_path):
     with pytest.raises(InputError, match=r"1000000 items × 256 dims need 977 MB, over "
                                          r"candidates.item_factors_budget_mb = 100"):
-        item_matrix(df, 1_000_000, 100)
-    assert item_matrix(df.withColumn("factors", F.array(*[F.lit(float(k)) for k in range(4)])), 2, 1).shape == (2, 4)
+        check_item_budget(1_000_000, 256, 100)
+    check_item_budget(1_000_000, 16, 100)
+    users = spark.createDataFrame([(0, [1.0, 2.0])], "u long, factors array<float>")
+    items = spark.createDataFrame([(2, [5.0, 6.0]), (0, [1.0, 0.0]), (1, [0.0, 1.0])], "idx long, factors array<float>")
+    path = str(tmp_path / "factors")
+    write_factors(users, items, path)
+    np.testing.assert_array_equal(item_matrix(path), [[1, 0], [0, 1], [5, 6]])
+    write_factors(users, items.filter("idx = 2"), path)  # a rewrite of the folder is never served from the cache
+    np.testing.assert_array_equal(item_matrix(path), [[0, 0], [0, 0], [5, 6]])

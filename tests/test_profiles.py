@@ -31,3 +31,33 @@ def test_profiles_equal_a_plain_python_reference(spark, k, splits):
            for r in profiles(texts, k, splits).collect()}
     assert got == reference(rows, k, splits)
     assert max(len(h) for h in got.values()) == k
+
+
+def profiles_by_copy(texts, k, splits=("train",)):
+    """The previous implementation (every user's whole history copied onto each of their rows, then
+    filtered): quadratic, kept here as the reference the windows must reproduce."""
+    from pyspark.sql import functions as F
+
+    hist = texts.filter(F.col("split").isin(*splits))
+    per_user = hist.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct("ts", "seq", "item_id", "text")))
+                                           .alias("_all"))
+    rows = texts.join(per_user, "user_id", "left")
+    earlier = F.filter(F.coalesce("_all", F.array()), lambda h: h["ts"] < F.col("ts"))
+    n = F.size(earlier)
+    last_k = F.when(n > k, F.slice(earlier, n - k + 1, k)).otherwise(earlier)
+    return rows.select("user_id", "item_id", F.transform(last_k, lambda h: F.struct(
+        h["item_id"].alias("item_id"), h["ts"].alias("ts"), h["text"].alias("text"))).alias("history"))
+
+
+@pytest.mark.spark
+def test_windowed_profiles_equal_the_previous_ones_on_the_shipped_sample(spark, extractive_run):
+    from persona4rec.alignment.profiles import stored_interaction_texts
+    from persona4rec.tables import TableStore
+
+    _, cfg, _ = extractive_run
+    texts = stored_interaction_texts(TableStore(spark, cfg), cfg).persist()
+    for k, splits in ((cfg.profile.k, ("train",)), (2, ("train", "validation"))):
+        new = {(r.user_id, r.item_id): r.history for r in profiles(texts, k, splits).collect()}
+        old = {(r.user_id, r.item_id): r.history for r in profiles_by_copy(texts, k, splits).collect()}
+        assert new == old and len(new) == texts.count() and any(len(h) == k for h in new.values())
+    texts.unpersist()

@@ -186,7 +186,7 @@ def recommendations(store):
 
 @pytest.mark.spark
 @pytest.mark.parametrize("alpha", ["1.0", "0.5"])
-def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark, tmp_path, alpha):
+def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark, tmp_path, alpha, caplog):
     cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", f"scoring.alpha={alpha}",
                       "scoring.top_k=10")
     store, _, _ = synthetic(spark, cfg)
@@ -198,9 +198,11 @@ def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark,
     # the index is 25 items × 3 personas × 16 dims × 4 bytes ≈ 0.0046 MB: a 0.001 MB budget makes 7 blocks
     blocked_cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", f"scoring.alpha={alpha}",
                               "scoring.top_k=10", "scoring.index_budget_mb=0.001")
-    score.run(spark, blocked_cfg)
+    with caplog.at_level("INFO", logger="persona4rec.scoring.score"):
+        score.run(spark, blocked_cfg)
     blocked = recommendations(store)
-    assert len(list((tmp_path / "warehouse").rglob("_persona_blocks/evaluation/bpr/block=*"))) >= 5
+    assert re.search(r"scored in 7 item blocks", caplog.text)
+    assert not list((tmp_path / "warehouse").rglob("block=*"))  # the run's blocks are removed after the write
     assert broadcast.keys() == blocked.keys() and len(blocked) == 300
     for key, a in broadcast.items():
         b = blocked[key]

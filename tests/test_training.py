@@ -109,6 +109,11 @@ def test_batches_never_repeat_a_user_or_an_item():
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert 50 <= len(batches) <= 53  # the heavy user's 50 pairs set the count, the others fill them
     assert sum(len(b) == 4 for b in batches) >= 48
+    few = unique_batches(heavy, 4, random.Random(2), scan=2)  # past 2 open batches: after the last holder
+    assert sorted(i for b in few for i in b) == list(range(200))
+    for b in few:
+        assert len({heavy[i].user_id for i in b}) == len(b) == len({heavy[i].item_id for i in b})
+    assert len(few) <= 60
 
 
 @pytest.mark.unit

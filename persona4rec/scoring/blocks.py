@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from persona4rec.config import spark_path
 from persona4rec.schemas import ITEM_ID, USER_ID
 from persona4rec.scoring.rank import PersonaMatrix, max_sim
 
@@ -54,9 +55,10 @@ def write_blocks(index: DataFrame, blocks: int, path: str) -> DataFrame:
     cells = index.select(ITEM_ID, "persona_id", "persona_index", "embedding",
                          block_of(F.col(ITEM_ID), blocks).alias("block")) \
         .withColumn("row", F.dense_rank().over(by_item) - 1).withColumn("col", F.row_number().over(by_persona) - 1)
-    cells.select("block", "row", "col", ITEM_ID, "persona_id", "embedding").repartition(blocks, "block") \
-        .write.mode("overwrite").partitionBy("block").parquet(path)
-    return index.sparkSession.read.parquet(path).select(ITEM_ID, "block", "row").distinct()
+    # by range: one write task per block (a hash of small integers would put several in one)
+    cells.select("block", "row", "col", ITEM_ID, "persona_id", "embedding").repartitionByRange(blocks, "block") \
+        .write.mode("overwrite").partitionBy("block").parquet(spark_path(path))
+    return index.sparkSession.read.parquet(spark_path(path)).select(ITEM_ID, "block", "row").distinct()
 
 
 def load_block(path: str, block: int, dtype: str) -> tuple[PersonaMatrix, pa.Array]:
@@ -64,8 +66,8 @@ def load_block(path: str, block: int, dtype: str) -> tuple[PersonaMatrix, pa.Arr
     `PersonaMatrix.slots` index."""
     folder = os.path.join(path, f"block={block}")
     if not os.path.isdir(folder):
-        return PersonaMatrix({}, np.zeros((0, 1, 0), dtype), np.zeros((0, 1), bool), np.zeros((0, 1), np.int64)), \
-            pa.array([], pa.string())
+        raise FileNotFoundError(f"persona block {block} is not at {folder}: the work folder must be a path every "
+                                f"executor sees (storage.work_dir), and no other run may remove it while scoring")
     t = pq.read_table(folder, columns=["row", "col", "persona_id", "embedding"])
     row = t.column("row").to_numpy().astype(np.int64)
     col = t.column("col").to_numpy().astype(np.int64)
@@ -121,6 +123,12 @@ def _score_part(part: pa.RecordBatch, pm: PersonaMatrix, ids: pa.Array) -> pa.Re
     flat_rows = rows.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     owner = np.repeat(np.arange(part.num_rows), counts)
     d = pm.vectors.shape[2]
+    lengths = part.column(2).value_lengths().to_numpy(zero_copy_only=False)
+    if (lengths != d).any():
+        bad = int(np.argmax(lengths != d))
+        raise ValueError(f"user_vectors: user {part.column(1)[bad].as_py()!r} has a vector of length {lengths[bad]} "
+                         f"(field 'vector'), the persona index has dimension {d}: rerun build_index and score_users "
+                         f"with one model version")
     users = part.column(2).flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(part.num_rows, d)
     s, best = max_sim(users[owner], flat_rows, pm)
     return pa.RecordBatch.from_arrays([

@@ -4,8 +4,8 @@ Generators (`candidates.generators`): `als` — Spark MLlib ALS with implicit fe
 BPR-MF (Rendle et al., 2009) and `lightgcn` (He et al., 2020), the paper's two generators, trained
 in torch on one worker (its GPU when there is one, see `factorize.py`). Every generator is served
 by the same distributed top-N over its factors with seen-item exclusion (`topn.py`); nothing
-proportional to users or interactions reaches the driver (the item factors are broadcast under a
-budget).
+proportional to users, items or interactions reaches the driver (the workers read the item
+factors from the work folder, under a budget).
 
 What they learn from depends on `mode` (see README "Modes"):
 * production (the nightly e-mails): every interaction ingest kept — the k-core and beyond — and
@@ -20,16 +20,19 @@ Rows are written under their mode, so the nightly job and an evaluation never ov
 from __future__ import annotations
 
 import logging
+import math
+import shutil
+import uuid
 from dataclasses import dataclass
 
 from pyspark.ml.recommendation import ALS
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from persona4rec.config import PRODUCTION, CandidateSettings, Config
+from persona4rec.config import PRODUCTION, CandidateSettings, Config, spark_path
 from persona4rec.schemas import CANDIDATES, FROM_MODEL, FROM_POPULAR, ITEM_ID, REVIEWS, SPLIT, SPLITS, TRAIN, USER_ID
 from persona4rec.scoring.factorize import BPRParams, LightGCNParams, train_bpr, train_lightgcn
-from persona4rec.scoring.topn import item_matrix, top_n_unseen, train_on_one_worker
+from persona4rec.scoring.topn import check_item_budget, top_n_unseen, train_on_one_worker, write_factors
 from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ def als_factors(spark: SparkSession, data: Indexed, rank: int, reg: float, alpha
     # Without checkpoints the lineage of ALS iterations grows until serialising a task overflows
     # the JVM stack (seen here at 15 iterations).
     if checkpoints and spark.sparkContext.getCheckpointDir() is None:
-        spark.sparkContext.setCheckpointDir(checkpoints)
+        spark.sparkContext.setCheckpointDir(spark_path(checkpoints))
     model = ALS(userCol="u", itemCol="i", ratingCol="r", implicitPrefs=True, rank=rank, regParam=reg,
                 alpha=alpha, maxIter=iterations, seed=seed, coldStartStrategy="drop", checkpointInterval=5) \
         .fit(data.pairs.select("u", "i", F.lit(1.0).alias("r")))
@@ -81,8 +84,8 @@ def als_factors(spark: SparkSession, data: Indexed, rank: int, reg: float, alpha
             model.itemFactors.select(F.col("id").cast("long").alias("idx"), F.col("features").alias("factors")))
 
 
-def torch_factors(data: Indexed, generator: str, c: CandidateSettings, path: str) -> tuple[DataFrame, DataFrame]:
-    """(user factors, item factors) of BPR-MF or LightGCN, trained on one worker (see topn.py)."""
+def torch_factors(data: Indexed, generator: str, c: CandidateSettings, path: str) -> None:
+    """BPR-MF or LightGCN factors, trained on one worker and written to `path` (see topn.py)."""
     if generator == "bpr":
         params = BPRParams(c.bpr_dim, c.bpr_epochs, c.bpr_lr, c.bpr_reg, c.bpr_batch, c.seed)
         trainer = lambda u, i, nu, ni: train_bpr(u, i, nu, ni, params, c.device)
@@ -90,27 +93,33 @@ def torch_factors(data: Indexed, generator: str, c: CandidateSettings, path: str
         params = LightGCNParams(c.lightgcn_dim, c.lightgcn_layers, c.lightgcn_epochs, c.lightgcn_lr, c.lightgcn_reg,
                                 c.lightgcn_batch, c.seed)
         trainer = lambda u, i, nu, ni: train_lightgcn(u, i, nu, ni, params, c.device)
-    factors = train_on_one_worker(data.pairs, data.n_users, data.n_items, trainer, path)
-    return (factors.filter(F.col("side") == "u").select(F.col("idx").alias("u"), "factors"),
-            factors.filter(F.col("side") == "i").select("idx", "factors"))
+    train_on_one_worker(data.pairs, data.n_users, data.n_items, trainer, path)
 
 
 def model_candidates(spark: SparkSession, train: DataFrame, generator: str, c: CandidateSettings,
-                     work: str) -> DataFrame:
+                     work: str, checkpoints: str | None = None) -> DataFrame:
     """generator, user_id, item_id, cf_score, cf_rank: the top `c.top_n` unseen items of every user
-    the generator has factors for, by the one distributed top-N (topn.py)."""
+    the generator has factors for, by the one distributed top-N (topn.py), persisted. `work` is a
+    folder of this run alone (factors); the caller removes it after writing. ALS checkpoints go to
+    `checkpoints` (default `<work>/checkpoints`): Spark keeps one checkpoint folder per session."""
     data = Indexed.of(train)
-    if generator == "als":
-        users, items = als_factors(spark, data, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations, c.seed,
-                                   f"{work}/checkpoints")
-    else:
-        users, items = torch_factors(data, generator, c, f"{work}/factors/{generator}")
-    Q = item_matrix(items, data.n_items, c.item_factors_budget_mb)
-    top = top_n_unseen(spark, users, data.pairs, Q, c.top_n, c.score_block_mb)
-    found = data.named(top, generator).persist()
-    found.count()  # materialised before the id maps it was built from are released
-    data.unpersist()
-    return found
+    try:
+        dim = {"als": c.als_rank, "bpr": c.bpr_dim, "lightgcn": c.lightgcn_dim}[generator]
+        check_item_budget(data.n_items, dim, c.item_factors_budget_mb)  # before hours of training
+        path = f"{work}/factors/{generator}"
+        if generator == "als":
+            write_factors(*als_factors(spark, data, c.als_rank, c.als_reg, c.als_alpha, c.als_iterations, c.seed,
+                                       checkpoints or f"{work}/checkpoints"), path)
+        else:
+            torch_factors(data, generator, c, path)
+        cells_per_task = 2e9  # users × items scores per top-N task
+        tasks = math.ceil(data.n_users * data.n_items / cells_per_task)
+        top = top_n_unseen(path, data.pairs, c.top_n, c.score_block_mb, tasks)
+        found = data.named(top, generator).persist()
+        found.count()  # materialised before the id maps it was built from are released
+        return found
+    finally:
+        data.unpersist()
 
 
 def training_interactions(store: TableStore, mode: str) -> DataFrame:
@@ -141,11 +150,13 @@ def popular_fallback(found: DataFrame, interactions: DataFrame, n: int) -> DataF
         .select(USER_ID, ITEM_ID, "cf_score", "cf_rank")
 
 
-def generate(spark: SparkSession, cfg: Config, generator: str, interactions: DataFrame) -> tuple[DataFrame, DataFrame]:
+def generate(spark: SparkSession, cfg: Config, generator: str, interactions: DataFrame,
+             scratch: str) -> tuple[DataFrame, DataFrame]:
     """Candidate rows (CANDIDATES columns) of one generator for cfg.mode, and the generator's own
-    rows, persisted (read by the fallback and the write): unpersist them after writing."""
+    rows, persisted (read by the fallback and the write): unpersist them after writing, then
+    remove `scratch` (this run's factors)."""
     c = cfg.candidates
-    found = model_candidates(spark, interactions, generator, c, cfg.work_dir(f"candidates/{cfg.mode}"))
+    found = model_candidates(spark, interactions, generator, c, scratch, cfg.work_dir("checkpoints"))
     rows = found.select(USER_ID, ITEM_ID, "cf_score", "cf_rank", F.lit(FROM_MODEL).alias("source"))
     if cfg.mode == PRODUCTION:
         rows = rows.unionByName(popular_fallback(found, interactions, c.top_n).withColumn("source",
@@ -158,10 +169,15 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     interactions = training_interactions(store, cfg.mode).persist()
     out: dict = {"mode": cfg.mode}
     for gen in cfg.candidates.generators:
-        df, found = generate(spark, cfg, gen, interactions)
-        w = store.upsert(df, CANDIDATES, delete_missing=True,
-                         delete_missing_condition=f"t.mode = '{cfg.mode}' AND t.generator = '{gen}'")
-        found.unpersist()
+        # A folder per run: two runs (a backfill beside the nightly) never read each other's factors.
+        scratch = cfg.work_dir(f"candidates/{cfg.mode}-{gen}-{uuid.uuid4().hex[:12]}")
+        try:
+            df, found = generate(spark, cfg, gen, interactions, scratch)
+            w = store.upsert(df, CANDIDATES, delete_missing=True,
+                             delete_missing_condition=f"t.mode = '{cfg.mode}' AND t.generator = '{gen}'")
+            found.unpersist()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         written = store.read(CANDIDATES.name).filter((F.col("mode") == cfg.mode) & (F.col("generator") == gen))
         users = {r["source"]: int(r["users"]) for r in
                  written.groupBy("source").agg(F.countDistinct(USER_ID).alias("users")).collect()}

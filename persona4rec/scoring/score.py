@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -212,13 +214,16 @@ def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex
 
 
 def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame, cfg: Config,
-              model_version: str, run_date: dt.date, generator: str, alpha: float | None = None) -> DataFrame:
+              model_version: str, run_date: dt.date, generator: str, alpha: float | None = None,
+              scratch: str | None = None) -> DataFrame:
     """candidates (user_id, item_id, cf_score, cf_rank, source) + user_vectors (user_id, vector) +
     the persona index → the recommendations rows of every user with candidates, in cfg.mode.
     alpha: the blend weight (default: scoring.alpha, which must then be a number).
 
     The persona index is broadcast while its padded tensor fits `scoring.index_budget_mb` (in
-    `scoring.index_dtype`), else scored in item blocks (blocks.py); both give the same rows."""
+    `scoring.index_dtype`), else scored in item blocks (blocks.py) written under `scratch` (a
+    folder of this run alone, removed by the caller after the write; default: a new one under the
+    work folder); both give the same rows."""
     sc = cfg.scoring
     alpha = float(sc.alpha if alpha is None else alpha)
     megabytes, items, width, d = index_megabytes(index, np.dtype(sc.index_dtype).itemsize)
@@ -226,8 +231,8 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
         blocks = block_count(megabytes, sc.index_budget_mb)
         log.info("persona index %d items × %d personas × %d dims = %.0f MB (%s) > scoring.index_budget_mb %g: "
                  "scored in %d item blocks", items, width, d, megabytes, sc.index_dtype, sc.index_budget_mb, blocks)
-        rows = blocked_recommendations(spark, candidates, user_vectors, index, cfg, alpha, blocks,
-                                       cfg.work_dir(f"persona_blocks/{cfg.mode}/{generator}"))
+        scratch = scratch or cfg.work_dir(f"persona_blocks/{cfg.mode}-{generator}-{uuid.uuid4().hex[:12]}")
+        rows = blocked_recommendations(spark, candidates, user_vectors, index, cfg, alpha, blocks, scratch)
         return rows.select(F.lit(run_date).alias("run_date"), F.lit(cfg.mode).alias("mode"),
                            F.lit(generator).alias("generator"), F.lit(model_version).alias("model_version"), "*")
     si = scoring_index(index, sc.explanation_max_chars, sc.index_dtype)
@@ -271,7 +276,8 @@ def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vec
     """The OUTPUT_DDL rows of `recommend` with the persona index in item blocks: per-candidate
     max-sim from blocks.py, then per user the same blend and ranking, then the explanations joined."""
     sc = cfg.scoring
-    partitions = max(blocks, int(spark.conf.get("spark.sql.shuffle.partitions")))
+    configured = spark.conf.get("spark.sql.shuffle.partitions")  # "auto" on some Databricks clusters
+    partitions = max(blocks, int(configured) if configured.isdigit() else spark.sparkContext.defaultParallelism)
     scores = blocked_persona_scores(candidates, user_vectors, index, path, blocks, sc.index_dtype, partitions)
     users = candidates.join(scores, [USER_ID, ITEM_ID], "left").groupBy(USER_ID).agg(
         F.max("source").alias("source"),
@@ -375,9 +381,13 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     vectors = store.read(USER_VECTORS.name).filter(F.col("model_version") == version)
     require_coverage(users, vectors, f"user vector for model version {version} (no interaction_embeddings rows of "
                      f"that version for them)", "rerun build_index, then score_users")
-    recs = recommend(spark, candidates, vectors, index, cfg, version, run_date, sc.generator, alpha)
-    w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND mode = '{mode}' "
-                                                   f"AND generator = '{sc.generator}'")
+    scratch = cfg.work_dir(f"persona_blocks/{mode}-{sc.generator}-{uuid.uuid4().hex[:12]}")
+    try:
+        recs = recommend(spark, candidates, vectors, index, cfg, version, run_date, sc.generator, alpha, scratch)
+        w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND mode = '{mode}' "
+                                                       f"AND generator = '{sc.generator}'")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     candidates.unpersist()
     users.unpersist()
     written = store.read(RECOMMENDATIONS.name).filter(

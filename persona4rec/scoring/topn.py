@@ -6,8 +6,9 @@ factor rows; the driver never holds the interactions. The factors are written on
 folder (parquet) so a retry of a later step re-reads them instead of retraining.
 
 Top-N (`top_n_unseen`): user factors stay a DataFrame, each row carrying the user's seen item ids;
-the item factor matrix (items × dim, small: 1M items × 64 dims is 256 MB) is broadcast once,
-under `candidates.item_factors_budget_mb`. Inside `mapInArrow`, users are scored in blocks whose
+the item factor matrix (items × dim, small: 1M items × 64 dims is 256 MB) is read by each Python
+worker once from the factors written to the work folder (the driver never holds it), under
+`candidates.item_factors_budget_mb`, checked before training. Inside `mapInArrow`, users are scored in blocks whose
 score matrix stays under `candidates.score_block_mb`, seen items are masked to −∞ in place, and
 `argpartition` picks the top n — so a user with 20k interactions costs 20k masked cells, not a
 20k-longer list for everyone (no `n + longest history`). Order: score descending, then item id.
@@ -21,9 +22,10 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from persona4rec.config import spark_path
 from persona4rec.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ def _factor_batches(side: str, mat: np.ndarray, rows: int = 8192) -> Iterator[pa
 
 def train_on_one_worker(pairs: DataFrame, n_users: int, n_items: int, trainer: Trainer, path: str) -> DataFrame:
     """Train `trainer(u, i, n_users, n_items) -> (P, Q)` on the (u long, i long) pairs in one task;
-    write the factors (FACTORS_SCHEMA, side 'u' or 'i', idx = dense id) to `path` and read them back."""
+    write the factors (FACTORS_SCHEMA, side 'u' or 'i', idx = dense id) to `path` and read them back.
+    The folder is rewritten whole (overwrite): a path per mode and generator, one run at a time."""
 
     def train(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         us, its = [], []
@@ -55,32 +58,72 @@ def train_on_one_worker(pairs: DataFrame, n_users: int, n_items: int, trainer: T
             its.append(b.column(1).to_numpy(zero_copy_only=False))
         if not us:
             return
-        P, Q = trainer(np.concatenate(us), np.concatenate(its), n_users, n_items)
+        u, i = np.concatenate(us), np.concatenate(its)
+        order = np.lexsort((i, u))  # shuffle-fetch order varies between runs: a fixed seed needs a fixed input
+        P, Q = trainer(u[order], i[order], n_users, n_items)
         yield from _factor_batches("u", P)
         yield from _factor_batches("i", Q)
 
     pairs.select(F.col("u").cast("long"), F.col("i").cast("long")).repartition(1) \
-        .mapInArrow(train, FACTORS_SCHEMA).write.mode("overwrite").parquet(path)
-    return pairs.sparkSession.read.parquet(path)
+        .mapInArrow(train, FACTORS_SCHEMA).write.mode("overwrite").parquet(spark_path(path))
+    return pairs.sparkSession.read.parquet(spark_path(path))
 
 
-def item_matrix(item_factors: DataFrame, n_items: int, budget_mb: float) -> np.ndarray:
-    """The item factor matrix [n_items, dim] (rows by dense id) on the driver, refused loudly
-    above `budget_mb` (it is broadcast to every worker)."""
-    first = item_factors.select(F.size("factors")).first()
-    dim = int(first[0]) if first else 0
+def check_item_budget(n_items: int, dim: int, budget_mb: float) -> None:
+    """Refuse, before any training, an item factor matrix every worker could not hold."""
     need = n_items * dim * 4 / 2 ** 20
     if need > budget_mb:
         raise InputError(f"item factors of {n_items} items × {dim} dims need {need:.0f} MB, over "
-                         f"candidates.item_factors_budget_mb = {budget_mb:g}: raise the budget (it is broadcast to "
-                         f"every worker) or lower the generator's dimension")
-    t = item_factors.select("idx", "factors").toArrow()
-    mat = np.zeros((n_items, dim), dtype=np.float32)
-    if t.num_rows:
+                         f"candidates.item_factors_budget_mb = {budget_mb:g}: raise the budget (every worker holds "
+                         f"the matrix) or lower the generator's dimension")
+
+
+_ITEM_MATRICES: dict[tuple, np.ndarray] = {}
+
+
+def _folder_signature(path: str) -> tuple:
+    """What identifies one write of a factors folder: its files' names, sizes and times."""
+    import os
+    return (path, *sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)))
+
+
+def item_matrix(path: str) -> np.ndarray:
+    """The item factors [n_items, dim] (rows by dense id) from the factors folder, read once per
+    Python worker (workers are reused across tasks) and kept for its next tasks until the folder
+    is rewritten."""
+    key = _folder_signature(path)
+    if key not in _ITEM_MATRICES:
+        import pyarrow.parquet as pq
+        t = pq.read_table(path, columns=["side", "idx", "factors"], filters=[("side", "=", "i")])
         idx = t.column("idx").to_numpy()
-        vals = t.column("factors").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        mat[idx] = vals.astype(np.float32).reshape(len(idx), dim)
-    return mat
+        emb = t.column("factors").combine_chunks()
+        dim = emb.value_lengths()[0].as_py() if len(emb) else 0
+        mat = np.zeros((int(idx.max()) + 1 if len(idx) else 0, dim), dtype=np.float32)
+        mat[idx] = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(idx), dim)
+        _ITEM_MATRICES.clear()  # one generator's matrix at a time
+        _ITEM_MATRICES[key] = mat
+    return _ITEM_MATRICES[key]
+
+
+def write_factors(users: DataFrame, items: DataFrame, path: str) -> DataFrame:
+    """Factors computed elsewhere (ALS: (u | idx, factors)) in FACTORS_SCHEMA at `path`."""
+    users.select(F.lit("u").alias("side"), F.col("u").cast("long").alias("idx"), "factors").unionByName(
+        items.select(F.lit("i").alias("side"), F.col("idx").cast("long"), "factors")) \
+        .write.mode("overwrite").parquet(spark_path(path))
+    return users.sparkSession.read.parquet(spark_path(path))
+
+
+def _ties_by_item_id(scores: np.ndarray, top: np.ndarray, k: int) -> None:
+    """argpartition picks arbitrarily among items tied with the k-th score: where such ties cross
+    the cut-off, take the row's items above the tie and then the tied ones by item id (in place)."""
+    if k >= scores.shape[1]:
+        return
+    cut = np.take_along_axis(scores, top, axis=1).min(axis=1)
+    tied_in = (np.take_along_axis(scores, top, axis=1) == cut[:, None]).sum(axis=1)
+    tied_all = (scores == cut[:, None]).sum(axis=1)
+    for r in np.flatnonzero(tied_all > tied_in):
+        above = np.flatnonzero(scores[r] > cut[r])
+        top[r] = np.concatenate([above, np.flatnonzero(scores[r] == cut[r])[:k - len(above)]])
 
 
 def top_n_rows(U: np.ndarray, seen_flat: np.ndarray, seen_counts: np.ndarray, Q: np.ndarray, n: int,
@@ -105,6 +148,7 @@ def top_n_rows(U: np.ndarray, seen_flat: np.ndarray, seen_counts: np.ndarray, Q:
         scores[owner, seen_flat[lo:hi]] = -np.inf
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n_items else \
             np.broadcast_to(np.arange(n_items), (e - s, n_items)).copy()
+        _ties_by_item_id(scores, top, k)
         sc = np.take_along_axis(scores, top, axis=1)
         order = np.lexsort((top, -sc), axis=-1)
         top, sc = np.take_along_axis(top, order, axis=1), np.take_along_axis(sc, order, axis=1)
@@ -115,17 +159,19 @@ def top_n_rows(U: np.ndarray, seen_flat: np.ndarray, seen_counts: np.ndarray, Q:
     return tuple(np.concatenate(parts) for parts in zip(*out))  # type: ignore[return-value]
 
 
-def top_n_unseen(spark: SparkSession, user_factors: DataFrame, pairs: DataFrame, Q: np.ndarray, n: int,
-                 score_block_mb: float) -> DataFrame:
-    """TOP_N_SCHEMA rows: for every user of `user_factors` (u long, factors array<float>), the n
-    items of Q with the highest dot product that the user has no pair with in `pairs` (u, i)."""
+def top_n_unseen(factors_path: str, pairs: DataFrame, n: int, score_block_mb: float, n_tasks: int = 1) -> DataFrame:
+    """TOP_N_SCHEMA rows: for every user of the factors at `factors_path` (FACTORS_SCHEMA), the n
+    items with the highest dot product that the user has no pair with in `pairs` (u, i)."""
+    spark = pairs.sparkSession
+    factors = spark.read.parquet(spark_path(factors_path))
     seen = pairs.groupBy(F.col("u").cast("long").alias("u")).agg(F.collect_list(F.col("i").cast("long")).alias("seen"))
-    users = user_factors.select(F.col("u").cast("long").alias("u"), "factors").join(seen, "u", "left")
-    bc = spark.sparkContext.broadcast(Q)
+    users = factors.filter(F.col("side") == "u").select(F.col("idx").alias("u"), "factors").join(seen, "u", "left")
+    # The work is users × items × dim: spread it over enough tasks (AQE would size them by bytes).
+    users = users.repartition(max(spark.sparkContext.defaultParallelism * 2, n_tasks), "u")
     block_elems = max(1, int(score_block_mb * 2 ** 20 / 4))
 
     def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        Qm = bc.value
+        Qm = item_matrix(factors_path)
         for b in batches:
             if b.num_rows == 0:
                 continue

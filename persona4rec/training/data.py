@@ -42,8 +42,9 @@ def unique_batches(examples: list[Example], batch_size: int, rng: random.Random,
     examples, first fit: each goes to the first batch that is not full and holds neither its user
     nor its item, looking at no more than `scan` open batches; past that it goes to the first open
     batch after every batch holding its user or item (which therefore holds neither). So the work
-    per example is bounded — rescanning everything pending for each batch was quadratic, and a
-    user with thousands of pairs made first fit scan thousands of batches per pair.
+    per example is bounded by `scan` plus the full batches it steps over (batches fill roughly in
+    order, so these are few) — rescanning everything pending for each batch was quadratic, and a
+    user with thousands of pairs made plain first fit scan thousands of batches per pair.
     """
     order = list(range(len(examples)))
     rng.shuffle(order)
