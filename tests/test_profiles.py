@@ -59,5 +59,7 @@ def test_windowed_profiles_equal_the_previous_ones_on_the_shipped_sample(spark, 
     for k, splits in ((cfg.profile.k, ("train",)), (2, ("train", "validation"))):
         new = {(r.user_id, r.item_id): r.history for r in profiles(texts, k, splits).collect()}
         old = {(r.user_id, r.item_id): r.history for r in profiles_by_copy(texts, k, splits).collect()}
-        assert new == old and len(new) == texts.count() and any(len(h) == k for h in new.values())
+        assert new == old and len(new) == texts.count()
+        longest = max(len(h) for h in new.values())  # sample histories are short: k = 2 is reached
+        assert longest == 2 if k == 2 else 0 < longest <= k
     texts.unpersist()

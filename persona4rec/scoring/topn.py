@@ -49,7 +49,7 @@ def _factor_batches(side: str, mat: np.ndarray, rows: int = 8192) -> Iterator[pa
 def train_on_one_worker(pairs: DataFrame, n_users: int, n_items: int, trainer: Trainer, path: str) -> DataFrame:
     """Train `trainer(u, i, n_users, n_items) -> (P, Q)` on the (u long, i long) pairs in one task;
     write the factors (FACTORS_SCHEMA, side 'u' or 'i', idx = dense id) to `path` and read them back.
-    The folder is rewritten whole (overwrite): a path per mode and generator, one run at a time."""
+    The folder is rewritten whole (overwrite): give each run its own (generate_candidates does)."""
 
     def train(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         us, its = [], []
