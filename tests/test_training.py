@@ -328,3 +328,33 @@ def test_drawn_history_gradient_equals_the_exact_one_in_expectation():
     assert list(draw_grad_items(w.numpy(), 9, rng)) == [0, 1, 2, 3, 4]  # short histories: all fresh
     counts = np.bincount([draw_grad_items(w.numpy(), 1, rng)[0] for _ in range(4000)], minlength=5)
     assert np.allclose(counts / 4000, p, atol=0.03)  # drawn in proportion to the decay weight
+
+
+@pytest.mark.unit
+def test_batched_validation_equals_the_per_example_computation():
+    from persona4rec.training.encoder import embed
+    from persona4rec.training.trainer import evaluate
+
+    model = load_encoder("packaged:all-MiniLM-L6-v2", "cpu", 32)
+    rng = random.Random(4)
+    words = ["jazz", "strings", "tuner", "cable", "pedal", "drums", "capo", "amp", "picks", "stand"]
+    personas = {f"I{i}": tuple((f"I{i}#{p}", f"Player who needs a {words[(i + p) % 10]}") for p in range(1 + i % 3))
+                for i in range(8)}
+    examples = []
+    for u in range(12):
+        item = f"I{u % 8}"
+        pid, text = personas[item][u % len(personas[item])]
+        history = tuple(f"bought a {rng.choice(words)} for {rng.choice(words)}" for _ in range(1 + u % 4))
+        examples.append(Example(f"U{u}", item, history, pid, text, personas[item]))
+    got = evaluate(model, examples, 0.8, 0.05, 4)
+
+    users = np.stack([user_vector(embed(model, list(e.history)), 0.8) for e in examples])  # the previous way
+    aligned = embed(model, [e.persona_text for e in examples])
+    losses = [float(info_nce(torch.from_numpy(users[s:s + 4]), torch.from_numpy(aligned[s:s + 4]), 0.05))
+              for s in range(0, 12, 4)]
+    judged = [(e, u) for e, u in zip(examples, users) if len(e.item_personas) >= 2]
+    hits = sum(e.item_personas[int(np.argmax(embed(model, [t for _, t in e.item_personas]) @ u))][0] == e.persona_id
+               for e, u in judged)
+    assert got["val_pairs"] == len(judged) > 0
+    assert got["top1_accuracy"] == hits / len(judged)
+    assert got["val_loss"] == pytest.approx(np.mean(losses), abs=1e-4)

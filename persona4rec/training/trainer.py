@@ -27,8 +27,9 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from persona4rec.config import TrainSettings
+from persona4rec.scoring.rank import decayed_user_vectors
 from persona4rec.training.data import Example, unique_batches
-from persona4rec.training.encoder import decay_weights, embed, user_vector
+from persona4rec.training.encoder import decay_weights, embed
 
 
 def info_nce(users: torch.Tensor, personas: torch.Tensor, temperature: float,
@@ -234,12 +235,22 @@ def evaluate(model: SentenceTransformer, examples: list[Example], gamma: float, 
              batch_size: int) -> dict:
     """val_loss: InfoNCE with in-batch negatives only (comparable whatever the training loss) over
     consecutive batches; top1_accuracy: share of pairs whose aligned persona scores highest among
-    its own item's personas (items with one persona excluded)."""
+    its own item's personas (items with one persona excluded).
+
+    Batched: every distinct text (histories, aligned and item personas) is encoded once in large
+    batches, user vectors are the batched γ-decayed means — not one encode call per example."""
     model.eval()
     if not examples:
         return {"val_loss": float("nan"), "top1_accuracy": float("nan"), "val_pairs": 0}
-    users = np.stack([user_vector(embed(model, list(e.history)), gamma) for e in examples])
-    aligned = embed(model, [e.persona_text for e in examples])
+    texts = [t for e in examples for t in e.history] + [e.persona_text for e in examples] + \
+        [t for e in examples for _, t in e.item_personas]
+    distinct = list(dict.fromkeys(texts))
+    at = {t: n for n, t in enumerate(distinct)}
+    vectors = embed(model, distinct, batch_size=256)
+    rows = lambda ts: vectors[[at[t] for t in ts]] if ts else np.zeros((0, vectors.shape[1]), np.float32)
+    counts = np.array([len(e.history) for e in examples])
+    users = decayed_user_vectors(rows([t for e in examples for t in e.history]), counts, gamma)
+    aligned = rows([e.persona_text for e in examples])
     losses = []
     for start in range(0, len(examples), batch_size):
         u = torch.from_numpy(users[start:start + batch_size])
@@ -250,8 +261,7 @@ def evaluate(model: SentenceTransformer, examples: list[Example], gamma: float, 
     for e, u in zip(examples, users):
         if len(e.item_personas) < 2:
             continue
-        cands = embed(model, [t for _, t in e.item_personas])
-        best = e.item_personas[int(np.argmax(cands @ u))][0]
+        best = e.item_personas[int(np.argmax(rows([t for _, t in e.item_personas]) @ u))][0]
         hits += best == e.persona_id
         total += 1
     return {"val_loss": float(np.mean(losses)) if losses else float("nan"),
