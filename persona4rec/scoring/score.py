@@ -163,6 +163,18 @@ def candidate_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, dict, np.ndarra
     return _list_counts(cands), fields, rows, cf, cf_rank
 
 
+def ranked_arrays(batch: pa.RecordBatch, fields: dict, r: Ranked, has: np.ndarray, cf: np.ndarray,
+                  cf_rank: np.ndarray) -> list[pa.Array]:
+    """user_id, rank, item_id, score, persona_score, cf_rank of the kept rows, shared by the
+    broadcast and the blocked paths (users without history keep their CF score)."""
+    return [batch.column(USER_ID).take(pa.array(r.user)).cast(pa.string()),
+            pa.array(r.rank, pa.int32()),
+            fields[ITEM_ID].take(pa.array(r.candidate)).cast(pa.string()),
+            pa.array(np.where(has[r.user], r.score, cf[r.candidate]), pa.float64()),
+            pa.array(r.persona_score, pa.float64(), mask=np.isnan(r.persona_score)),
+            pa.array(cf_rank[r.candidate].astype(np.int32), pa.int32())]
+
+
 def score_arrow_batch(batch: pa.RecordBatch, index: ScoringIndex, alpha: float, top_k: int) -> pa.RecordBatch:
     """One Arrow batch of users (user_id, source, vector, cands list<item_id, row, cf_score, cf_rank>)
     → top-K rows; `path` is the user's candidate source."""
@@ -173,12 +185,7 @@ def score_arrow_batch(batch: pa.RecordBatch, index: ScoringIndex, alpha: float, 
     explained = r.slot >= 0
     slot = pa.array(np.where(explained, r.slot, 0), mask=~explained)
     return pa.RecordBatch.from_arrays([
-        batch.column(USER_ID).take(pa.array(r.user)).cast(pa.string()),
-        pa.array(r.rank, pa.int32()),
-        fields[ITEM_ID].take(pa.array(r.candidate)).cast(pa.string()),
-        pa.array(np.where(has[r.user], r.score, cf[r.candidate]), pa.float64()),
-        pa.array(r.persona_score, pa.float64(), mask=np.isnan(r.persona_score)),
-        pa.array(cf_rank[r.candidate].astype(np.int32), pa.int32()),
+        *ranked_arrays(batch, fields, r, has, cf, cf_rank),
         index.persona_id.take(slot),
         index.persona_name.take(slot),
         index.explanation.take(slot).fill_null(GENERIC_EXPLANATION),
@@ -296,12 +303,7 @@ def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vec
             r = rank_candidates(None, has, _list_counts(cands), None, cf, cf_rank, None, alpha, top_k, persona)
             explained = r.slot >= 0
             yield pa.RecordBatch.from_arrays([
-                batch.column(USER_ID).take(pa.array(r.user)).cast(pa.string()),
-                pa.array(r.rank, pa.int32()),
-                fields[ITEM_ID].take(pa.array(r.candidate)).cast(pa.string()),
-                pa.array(np.where(has[r.user], r.score, cf[r.candidate]), pa.float64()),
-                pa.array(r.persona_score, pa.float64(), mask=np.isnan(r.persona_score)),
-                pa.array(cf_rank[r.candidate].astype(np.int32), pa.int32()),
+                *ranked_arrays(batch, fields, r, has, cf, cf_rank),
                 fields["persona_id"].take(pa.array(np.where(explained, r.candidate, 0), mask=~explained))
                 .cast(pa.string()),
                 pa.array(has[r.user], pa.bool_()),

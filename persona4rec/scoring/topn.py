@@ -46,9 +46,9 @@ def _factor_batches(side: str, mat: np.ndarray, rows: int = 8192) -> Iterator[pa
             names=["side", "idx", "factors"])
 
 
-def train_on_one_worker(pairs: DataFrame, n_users: int, n_items: int, trainer: Trainer, path: str) -> DataFrame:
+def train_on_one_worker(pairs: DataFrame, n_users: int, n_items: int, trainer: Trainer, path: str) -> None:
     """Train `trainer(u, i, n_users, n_items) -> (P, Q)` on the (u long, i long) pairs in one task;
-    write the factors (FACTORS_SCHEMA, side 'u' or 'i', idx = dense id) to `path` and read them back.
+    write the factors (FACTORS_SCHEMA, side 'u' or 'i', idx = dense id) to `path`.
     The folder is rewritten whole (overwrite): give each run its own (generate_candidates does)."""
 
     def train(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -66,7 +66,6 @@ def train_on_one_worker(pairs: DataFrame, n_users: int, n_items: int, trainer: T
 
     pairs.select(F.col("u").cast("long"), F.col("i").cast("long")).repartition(1) \
         .mapInArrow(train, FACTORS_SCHEMA).write.mode("overwrite").parquet(spark_path(path))
-    return pairs.sparkSession.read.parquet(spark_path(path))
 
 
 def check_item_budget(n_items: int, dim: int, budget_mb: float) -> None:
@@ -105,12 +104,11 @@ def item_matrix(path: str) -> np.ndarray:
     return _ITEM_MATRICES[key]
 
 
-def write_factors(users: DataFrame, items: DataFrame, path: str) -> DataFrame:
+def write_factors(users: DataFrame, items: DataFrame, path: str) -> None:
     """Factors computed elsewhere (ALS: (u | idx, factors)) in FACTORS_SCHEMA at `path`."""
     users.select(F.lit("u").alias("side"), F.col("u").cast("long").alias("idx"), "factors").unionByName(
         items.select(F.lit("i").alias("side"), F.col("idx").cast("long"), "factors")) \
         .write.mode("overwrite").parquet(spark_path(path))
-    return users.sparkSession.read.parquet(spark_path(path))
 
 
 def _ties_by_item_id(scores: np.ndarray, top: np.ndarray, k: int) -> None:
