@@ -202,7 +202,7 @@ def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark,
         score.run(spark, blocked_cfg)
     blocked = recommendations(store)
     assert re.search(r"scored in 7 item blocks", caplog.text)
-    assert not list((tmp_path / "warehouse").rglob("block=*"))  # the run's blocks are removed after the write
+    assert not list((tmp_path / "warehouse").rglob("block-*"))  # the run's blocks are removed after the write
     assert broadcast.keys() == blocked.keys() and len(blocked) == 300
     for key, a in broadcast.items():
         b = blocked[key]

@@ -2,12 +2,20 @@
 
 The broadcast path (score.py) ships the whole padded persona tensor to every worker; that stays
 the fast path while it fits `scoring.index_budget_mb`. Past it, the index is split by a hash of
-the item id into B blocks that each fit the budget and written once to the work folder (Parquet,
-one folder per block, readable by every executor), and each (user, block) pair travels instead:
-the user's vector with the ids of its candidates that fall in that block (at most
-min(candidates, B) copies of a vector per user). Tasks receive those rows sorted by block and
-hold one block's personas at a time; the per-candidate scores (max-sim and the winning persona)
-are then regrouped by user for the same blend, ranking and explanations as the broadcast path.
+the item id into B blocks that each fit the budget, and each block is written once to the work
+folder as a memory-mappable tensor (`vectors.npy`: rows = the block's items sorted by id,
+columns = their personas, in `scoring.index_dtype`) beside its sorted item ids and persona ids
+(Arrow IPC). Workers map a block instead of parsing it: only the pages of the candidates a task
+scores are read, and the OS shares them between the Python workers of a machine.
+
+Each (user, block) pair then travels instead of the index: the user's vector with that user's
+candidates that hash into the block, and their CF fields (at most min(candidates, B) copies of a
+vector per user). Rows are hash-partitioned by (block, a shard of the user hash) — no range
+sampling pass — and sorted by block inside each task, so a task maps each block once; a
+candidate's tensor row is looked up in the block's item ids in the task (a hash lookup in
+Arrow), so no items × blocks map is joined in Spark. The per-candidate scores come out with the
+CF fields attached, ready to be grouped by user for the same blend and ranking as the broadcast
+path (score.py).
 """
 
 from __future__ import annotations
@@ -18,22 +26,26 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, Window
+import pyarrow.compute as pc
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from persona4rec.config import spark_path
 from persona4rec.schemas import ITEM_ID, USER_ID
 from persona4rec.scoring.rank import PersonaMatrix, max_sim
+from persona4rec.scoring.runs import run_starts, sorted_runs
 
-SCORES_SCHEMA = "user_id string, item_id string, persona_score double, persona_id string"
+SCORES_SCHEMA = ("user_id string, item_id string, cf_score double, cf_rank int, source string, has boolean, "
+                 "persona_score double, persona_id string")
+SHARDS_PER_TASK = 4  # (block, shard) keys per task: evens out the hash partitioning, few blocks per task
 
 
 def index_megabytes(index: DataFrame, itemsize: int) -> tuple[float, int, int, int]:
-    """(MB of the padded tensor items × max personas × d, items, max personas, d), from aggregates."""
-    per_item = index.groupBy(ITEM_ID).agg(F.count("*").alias("n"), F.max(F.size("embedding")).alias("d"))
-    row = per_item.agg(F.count("*"), F.max("n"), F.max("d")).first()
-    items, width, d = int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+    """(MB of the padded tensor items × max personas × d, items, max personas, d), from aggregates
+    over the ids and one vector's length (reading every vector only to measure it would cost a
+    pass over the whole index; a vector of another length fails where blocks are written)."""
+    row = index.groupBy(ITEM_ID).count().agg(F.count("*"), F.max("count")).first()
+    first = index.select(F.size("embedding")).first()
+    items, width, d = int(row[0] or 0), int(row[1] or 0), int(first[0]) if first else 0
     return items * width * d * itemsize / 2 ** 20, items, width, d
 
 
@@ -46,94 +58,165 @@ def block_of(item: F.Column, blocks: int) -> F.Column:
     return F.pmod(F.xxhash64(item), F.lit(blocks)).cast("int")
 
 
-def write_blocks(index: DataFrame, blocks: int, path: str) -> DataFrame:
-    """The persona index as `<path>/block=<b>/*.parquet` with each persona's cell in its block's
-    tensor (`row` = the item's position among the block's items by id, `col` = the persona's among
-    the item's by persona_index); returns the item → (block, row) map as a DataFrame."""
-    by_item = Window.partitionBy("block").orderBy(ITEM_ID)
-    by_persona = Window.partitionBy(ITEM_ID).orderBy("persona_index", "persona_id")
+def write_blocks(index: DataFrame, blocks: int, path: str, dtype: str) -> list[int]:
+    """The persona index as `<path>/block-<b>/{vectors.npy, ids.arrow}`, one group (= one block,
+    within the budget) in a task's memory at a time; returns the blocks that hold items (at most
+    `blocks` numbers: the only thing collected)."""
+
+    def write(table: pa.Table) -> pa.Table:
+        block = table.column("block")[0].as_py()
+        table = table.sort_by([(ITEM_ID, "ascending"), ("persona_index", "ascending"), ("persona_id", "ascending")])
+        item = table.column(ITEM_ID).combine_chunks()
+        starts = np.flatnonzero(np.concatenate([[True], pc.not_equal(item[1:], item[:-1]).to_numpy(
+            zero_copy_only=False)])) if len(item) else np.zeros(0, dtype=np.int64)
+        row = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(item))))
+        col = np.arange(len(item)) - starts[row]
+        emb = table.column("embedding").combine_chunks()
+        d = emb.value_lengths()[0].as_py()
+        if pc.any(pc.not_equal(emb.value_lengths(), d)).as_py():
+            bad = int(np.argmax(emb.value_lengths().to_numpy(zero_copy_only=False) != d))
+            raise ValueError(f"persona_index: persona {table.column('persona_id')[bad].as_py()!r} has an embedding "
+                             f"of length {emb.value_lengths()[bad].as_py()} (field 'embedding'), others {d}: "
+                             f"rerun build_index")
+        folder = os.path.join(path, f"block-{block}")
+        os.makedirs(folder, exist_ok=True)
+        shape = (len(starts), int(col.max()) + 1, d)
+        tmp = os.path.join(folder, f"vectors.{os.getpid()}.npy")  # a retried task never sees half a file
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        out[row, col] = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), d)
+        out.flush()
+        del out
+        ids = np.full(shape[0] * shape[1], None, dtype=object)
+        ids[row * shape[1] + col] = table.column("persona_id").to_numpy(zero_copy_only=False)
+        meta = pa.table({"persona_id": pa.array(ids, pa.string())})
+        items = pa.table({ITEM_ID: item.take(pa.array(starts)).cast(pa.string())})
+        for name, t in (("ids", meta), ("items", items)):
+            with pa.OSFile(os.path.join(folder, f"{name}.{os.getpid()}.arrow"), "wb") as sink, \
+                    pa.ipc.new_file(sink, t.schema) as w:
+                w.write_table(t)
+        for name in ("ids.arrow", "items.arrow", "vectors.npy"):  # vectors last: its presence means complete
+            stem, ext = name.split(".")
+            os.replace(os.path.join(folder, f"{stem}.{os.getpid()}.{ext}"), os.path.join(folder, name))
+        return pa.table({"block": pa.array([block], pa.int32())})
+
     cells = index.select(ITEM_ID, "persona_id", "persona_index", "embedding",
-                         block_of(F.col(ITEM_ID), blocks).alias("block")) \
-        .withColumn("row", F.dense_rank().over(by_item) - 1).withColumn("col", F.row_number().over(by_persona) - 1)
-    # by range: one write task per block (a hash of small integers would put several in one)
-    cells.select("block", "row", "col", ITEM_ID, "persona_id", "embedding").repartitionByRange(blocks, "block") \
-        .write.mode("overwrite").partitionBy("block").parquet(spark_path(path))
-    return index.sparkSession.read.parquet(spark_path(path)).select(ITEM_ID, "block", "row").distinct()
+                         block_of(F.col(ITEM_ID), blocks).alias("block"))
+    return sorted(r[0] for r in cells.groupBy("block").applyInArrow(write, "block int").collect())
 
 
-def load_block(path: str, block: int, dtype: str) -> tuple[PersonaMatrix, pa.Array]:
-    """One block's persona tensor (rows by `row`, personas by `col`) and the persona ids, which
-    `PersonaMatrix.slots` index."""
-    folder = os.path.join(path, f"block={block}")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"persona block {block} is not at {folder}: the work folder must be a path every "
-                                f"executor sees (storage.work_dir), and no other run may remove it while scoring")
-    t = pq.read_table(folder, columns=["row", "col", "persona_id", "embedding"])
-    row = t.column("row").to_numpy().astype(np.int64)
-    col = t.column("col").to_numpy().astype(np.int64)
-    emb = t.column("embedding").combine_chunks()
-    d = emb.value_lengths()[0].as_py() if len(emb) else 0
-    shape = (int(row.max()) + 1 if len(row) else 0, int(col.max()) + 1 if len(col) else 1)
-    vectors = np.zeros((*shape, d), dtype=dtype)
-    vectors[row, col] = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), d)
-    mask = np.zeros(shape, dtype=bool)
-    mask[row, col] = True
-    slots = np.full(shape, -1, dtype=np.int64)
-    slots[row, col] = np.arange(len(row))
-    return PersonaMatrix({}, vectors, mask, slots), t.column("persona_id").combine_chunks()
+_LOADED: dict = {}
 
 
-def routed_rows(candidates: DataFrame, item_rows: DataFrame, vectors: DataFrame, partitions: int) -> DataFrame:
-    """block, user_id, vector, items, rows: one row per (user with a vector, block holding some of
-    its candidates), range-partitioned by block (and user hash within a block) and sorted by block
-    inside each task. Candidates the index lacks are not routed (no persona score)."""
-    per_block = candidates.select(USER_ID, ITEM_ID).join(item_rows, ITEM_ID) \
-        .groupBy(USER_ID, "block").agg(F.collect_list(F.struct(ITEM_ID, "row")).alias("cands"))
-    joined = per_block.join(vectors.filter(F.col("vector").isNotNull()).select(USER_ID, "vector"), USER_ID)
-    return joined.repartitionByRange(partitions, "block", F.xxhash64(USER_ID)).sortWithinPartitions("block") \
-        .select("block", USER_ID, "vector", F.col("cands." + ITEM_ID).alias("items"), F.col("cands.row").alias("rows"))
+def load_block(path: str, block: int) -> tuple[PersonaMatrix, pa.Array, pa.Array]:
+    """One block, memory-mapped: (PersonaMatrix over `vectors.npy`, sorted item ids, persona id per
+    cell row × width + column, null where padded). The last one loaded stays open per worker."""
+    key = (path, block)
+    if key not in _LOADED:
+        folder = os.path.join(path, f"block-{block}")
+        if not os.path.isfile(os.path.join(folder, "vectors.npy")):
+            raise FileNotFoundError(f"persona block {block} is not at {folder}: the work folder must be a path every "
+                                    f"executor sees (storage.work_dir), and no other run may remove it while scoring")
+        vectors = np.load(os.path.join(folder, "vectors.npy"), mmap_mode="r")
+        read = lambda name: pa.ipc.open_file(pa.memory_map(os.path.join(folder, name))).read_all()
+        ids = read("ids.arrow").column("persona_id").combine_chunks()
+        items = read("items.arrow").column(ITEM_ID).combine_chunks()
+        mask = np.asarray(ids.is_valid(), dtype=bool).reshape(vectors.shape[:2])
+        _LOADED.clear()
+        _LOADED[key] = (PersonaMatrix({}, vectors, mask, np.zeros(0, dtype=np.int64)), items, ids)
+    return _LOADED[key]
+
+
+ROUTED_NAMES = ["block", USER_ID, "kind", "vector", ITEM_ID, "cf_score", "cf_rank", "source"]
+
+
+def routed_rows(candidates: DataFrame, vectors: DataFrame, blocks: int, partitions: int) -> DataFrame:
+    """ROUTED_NAMES rows, flat: per (user, block holding some of its candidates) one `kind` 0 row
+    with the user's vector (none for a user without one) followed by `kind` 1 rows, one per
+    candidate in that block with its CF fields; hash-partitioned by (block, shard of the user) and
+    sorted by (block, user, kind) in each task. No `collect_list`: runs are cut in the task."""
+    shards = max(1, math.ceil(SHARDS_PER_TASK * partitions / blocks))
+    cands = candidates.select(USER_ID, ITEM_ID, "cf_score", "cf_rank", "source",
+                              block_of(F.col(ITEM_ID), blocks).alias("block"))
+    pairs = cands.select(USER_ID, "block").distinct()
+    vec_rows = pairs.join(vectors.filter(F.col("vector").isNotNull()).select(USER_ID, "vector"), USER_ID).select(
+        "block", USER_ID, F.lit(0).alias("kind"), "vector", F.lit(None).cast("string").alias(ITEM_ID),
+        F.lit(None).cast("double").alias("cf_score"), F.lit(None).cast("int").alias("cf_rank"),
+        F.lit(None).cast("string").alias("source"))
+    cand_rows = cands.select("block", USER_ID, F.lit(1).alias("kind"),
+                             F.lit(None).cast("array<float>").alias("vector"), ITEM_ID,
+                             F.col("cf_score").cast("double"), F.col("cf_rank").cast("int"), "source")
+    return vec_rows.unionByName(cand_rows).withColumn("shard", F.pmod(F.xxhash64(USER_ID), F.lit(shards))) \
+        .repartition(partitions, "block", "shard").sortWithinPartitions("block", USER_ID, "kind") \
+        .select(*ROUTED_NAMES)
 
 
 def blocked_persona_scores(candidates: DataFrame, vectors: DataFrame, index: DataFrame, path: str, blocks: int,
                            dtype: str, partitions: int) -> DataFrame:
-    """SCORES_SCHEMA rows for every (user with a vector, candidate the index holds): max over the
-    item's personas of cos(user, persona) and the winning persona, one block in memory at a time."""
-    item_rows = write_blocks(index, blocks, path)
+    """SCORES_SCHEMA rows for every candidate (user_id, item_id, cf_score, cf_rank, source): `has`
+    whether the user has a vector, and where the index holds the item and the user a vector, max
+    over the item's personas of cos(user, persona) and the winning persona (else nulls)."""
+    present = frozenset(write_blocks(index, blocks, path, dtype))
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        current, pm, ids = None, None, None
-        for b in batches:
-            if b.num_rows == 0:
-                continue
-            block = b.column(0).to_numpy(zero_copy_only=False)
-            cuts = np.flatnonzero(np.diff(block)) + 1
-            for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [b.num_rows]])):
-                if block[lo] != current:
-                    current = int(block[lo])
-                    pm, ids = load_block(path, current, dtype)
-                yield _score_part(b.slice(int(lo), int(hi - lo)), pm, ids)
+        for table in sorted_runs(batches, ["block", USER_ID]):
+            yield _score_runs(table, path, present)
 
-    return routed_rows(candidates, item_rows, vectors, partitions).mapInArrow(score, SCORES_SCHEMA)
+    return routed_rows(candidates, vectors, blocks, partitions).mapInArrow(score, SCORES_SCHEMA)
 
 
-def _score_part(part: pa.RecordBatch, pm: PersonaMatrix, ids: pa.Array) -> pa.RecordBatch:
-    """Max-sim of each routed (user, candidate) of one block: no Python object per candidate."""
-    items, rows = part.column(3), part.column(4)
-    counts = rows.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-    flat_rows = rows.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    owner = np.repeat(np.arange(part.num_rows), counts)
-    d = pm.vectors.shape[2]
-    lengths = part.column(2).value_lengths().to_numpy(zero_copy_only=False)
+def _score_runs(t: pa.Table, path: str, present: frozenset) -> pa.RecordBatch:
+    """Max-sim of the candidates of whole (block, user) runs: no Python object per candidate."""
+    t = t.combine_chunks()
+    run = np.cumsum(run_starts(t, ["block", USER_ID])) - 1
+    is_vec = t.column("kind").to_numpy() == 0
+    vec_of_run = np.full(int(run[-1]) + 1 if len(run) else 0, -1, dtype=np.int64)
+    vec_of_run[run[is_vec]] = np.arange(int(is_vec.sum()))
+    ci = np.flatnonzero(~is_vec)
+    owner = vec_of_run[run[ci]]
+    block = t.column("block").to_numpy()[ci]
+    items = t.column(ITEM_ID).chunk(0).take(pa.array(ci))
+    score = np.full(len(ci), np.nan)
+    slot = np.full(len(ci), -1, dtype=np.int64)
+    persona = pa.nulls(len(ci), pa.string())
+    vecs = t.column("vector").chunk(0).filter(pa.array(is_vec))
+    users = None
+    cuts = np.flatnonzero(np.diff(block)) + 1
+    for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ci)]])):
+        if hi == lo or int(block[lo]) not in present:
+            continue
+        pm, block_items, ids = load_block(path, int(block[lo]))
+        if users is None:
+            users = _vector_matrix(vecs, pm.vectors.shape[2], t.column(USER_ID).chunk(0).filter(pa.array(is_vec)))
+        rows = pc.index_in(items.slice(int(lo), int(hi - lo)), value_set=block_items).fill_null(-1) \
+            .to_numpy(zero_copy_only=False)
+        live = np.flatnonzero((rows >= 0) & (owner[lo:hi] >= 0))
+        if len(live):
+            s, best = max_sim(users[owner[lo + live]], rows[live], pm)
+            score[lo + live] = s
+            slot[lo + live] = rows[live] * pm.mask.shape[1] + best
+            explained = slot[lo:hi] >= 0
+            part = ids.take(pa.array(np.where(explained, slot[lo:hi], 0), mask=~explained)).cast(pa.string())
+            persona = pa.concat_arrays([persona.slice(0, lo), part, persona.slice(hi)])
+    take = pa.array(ci)
+    return pa.RecordBatch.from_arrays([
+        t.column(USER_ID).chunk(0).take(take).cast(pa.string()),
+        items.cast(pa.string()),
+        t.column("cf_score").chunk(0).take(take).cast(pa.float64()),
+        t.column("cf_rank").chunk(0).take(take).cast(pa.int32()),
+        t.column("source").chunk(0).take(take).cast(pa.string()),
+        pa.array(owner >= 0, pa.bool_()),
+        pa.array(score, pa.float64(), mask=np.isnan(score)),
+        persona],
+        names=[c.split()[0] for c in SCORES_SCHEMA.split(", ")])
+
+
+def _vector_matrix(vecs: pa.ListArray, d: int, users: pa.Array) -> np.ndarray:
+    """The routed vectors as (n, d) float32; a vector of another length than the index's fails,
+    naming its user."""
+    lengths = vecs.value_lengths().to_numpy(zero_copy_only=False)
     if (lengths != d).any():
         bad = int(np.argmax(lengths != d))
-        raise ValueError(f"user_vectors: user {part.column(1)[bad].as_py()!r} has a vector of length {lengths[bad]} "
-                         f"(field 'vector'), the persona index has dimension {d}: rerun build_index and score_users "
-                         f"with one model version")
-    users = part.column(2).flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(part.num_rows, d)
-    s, best = max_sim(users[owner], flat_rows, pm)
-    return pa.RecordBatch.from_arrays([
-        part.column(1).take(pa.array(owner)).cast(pa.string()),
-        items.flatten().cast(pa.string()),
-        pa.array(s.astype(np.float64)),
-        ids.take(pa.array(pm.slots[flat_rows, best])).cast(pa.string())],
-        names=[USER_ID, ITEM_ID, "persona_score", "persona_id"])
+        raise ValueError(f"user_vectors: user {users[bad].as_py()!r} has a vector of length {lengths[bad]} (field "
+                         f"'vector'), the persona index has dimension {d}: rerun build_index and score_users with "
+                         f"one model version")
+    return vecs.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(vecs), d)

@@ -43,6 +43,7 @@ from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PE
 from persona4rec.scoring.blocks import block_count, blocked_persona_scores, index_megabytes
 from persona4rec.scoring.explain import explanation, sanitize
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
+from persona4rec.scoring.runs import run_starts, sorted_runs
 from persona4rec.scoring.users import refresh as refresh_user_vectors
 from persona4rec.tables import TableStore
 
@@ -281,36 +282,37 @@ RANKED_DDL = ("user_id string, rank int, item_id string, score double, persona_s
 def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame,
                             cfg: Config, alpha: float, blocks: int, path: str) -> DataFrame:
     """The OUTPUT_DDL rows of `recommend` with the persona index in item blocks: per-candidate
-    max-sim from blocks.py, then per user the same blend and ranking, then the explanations joined."""
+    max-sim from blocks.py (every candidate comes back from there with its CF fields: no join back),
+    then per user the same blend and ranking, then the explanations joined."""
     sc = cfg.scoring
     configured = spark.conf.get("spark.sql.shuffle.partitions")  # "auto" on some Databricks clusters
     partitions = max(blocks, int(configured) if configured.isdigit() else spark.sparkContext.defaultParallelism)
     scores = blocked_persona_scores(candidates, user_vectors, index, path, blocks, sc.index_dtype, partitions)
-    users = candidates.join(scores, [USER_ID, ITEM_ID], "left").groupBy(USER_ID).agg(
-        F.max("source").alias("source"),
-        F.collect_list(F.struct(ITEM_ID, "cf_score", "cf_rank", "persona_score", "persona_id")).alias("cands")) \
-        .join(user_vectors.select(USER_ID, F.col("vector").isNotNull().alias("has")), USER_ID, "left")
     top_k = sc.top_k
 
     def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            has = batch.column("has").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
-            cands = batch.column("cands")
-            fields = dict(zip([f.name for f in cands.type.value_type], cands.flatten().flatten()))
-            cf = fields["cf_score"].to_numpy(zero_copy_only=False).astype(np.float64)
-            cf_rank = fields["cf_rank"].to_numpy(zero_copy_only=False).astype(np.int64)
-            persona = fields["persona_score"].to_numpy(zero_copy_only=False).astype(np.float64)
-            r = rank_candidates(None, has, _list_counts(cands), None, cf, cf_rank, None, alpha, top_k, persona)
+        for t in sorted_runs(batches, [USER_ID]):
+            t = t.combine_chunks()
+            starts = np.flatnonzero(run_starts(t, [USER_ID]))
+            counts = np.diff(np.append(starts, t.num_rows))
+            col = lambda name: t.column(name).chunk(0)
+            users = pa.RecordBatch.from_arrays([col(USER_ID).take(pa.array(starts))], names=[USER_ID])
+            has = col("has").to_numpy(zero_copy_only=False)[starts].astype(bool)
+            fields = {ITEM_ID: col(ITEM_ID), "persona_id": col("persona_id")}
+            cf = col("cf_score").to_numpy(zero_copy_only=False).astype(np.float64)
+            cf_rank = col("cf_rank").to_numpy(zero_copy_only=False).astype(np.int64)
+            persona = col("persona_score").to_numpy(zero_copy_only=False).astype(np.float64)
+            r = rank_candidates(None, has, counts, None, cf, cf_rank, None, alpha, top_k, persona)
             explained = r.slot >= 0
             yield pa.RecordBatch.from_arrays([
-                *ranked_arrays(batch, fields, r, has, cf, cf_rank),
+                *ranked_arrays(users, fields, r, has, cf, cf_rank),
                 fields["persona_id"].take(pa.array(np.where(explained, r.candidate, 0), mask=~explained))
                 .cast(pa.string()),
                 pa.array(has[r.user], pa.bool_()),
-                batch.column("source").take(pa.array(r.user)).cast(pa.string()),
+                col("source").take(pa.array(starts[r.user])).cast(pa.string()),
             ], names=RANKED_DDL_NAMES)
 
-    ranked = users.mapInArrow(rank, RANKED_DDL)
+    ranked = scores.repartition(partitions, USER_ID).sortWithinPartitions(USER_ID).mapInArrow(rank, RANKED_DDL)
     return ranked.join(explanations(index, sc.explanation_max_chars), "persona_id", "left").select(
         USER_ID, "rank", ITEM_ID, "score", "persona_score", "cf_rank", "persona_id", "persona_name",
         F.coalesce("explanation", F.lit(GENERIC_EXPLANATION)).alias("explanation"), "has_history", "path")
