@@ -4,8 +4,10 @@ a hostile review made the LLM write (an adversarial corpus; the end-to-end run i
 import re
 import unicodedata
 
+import numpy as np
 import pytest
 
+from persona4rec.scoring import explain
 from persona4rec.scoring.explain import explanation, plain_text, sanitize
 
 pytestmark = pytest.mark.unit
@@ -43,3 +45,31 @@ def test_ordinary_prose_survives():
     assert sanitize(text, 500) == "Jazz · Blues lover: reads it for 3.5mm gear reviews, e.g. in U.S. studios. " \
                                   "Honest, warm & witty!"
     assert sanitize("word " * 200, 50).endswith("…") and len(sanitize("word " * 200, 50)) <= 50
+
+
+def _unguarded_clean_once(text: str) -> str:
+    """_clean_once as it was before the hints and the ASCII fold: every pattern always applied."""
+    t = explain._decode(text)
+    t = unicodedata.normalize("NFKC", t)
+    t = explain._INVISIBLE.sub("", t)
+    t = explain._DOTS.sub(".", t)
+    t = "".join(" " if unicodedata.category(c)[0] in "CZ" and c not in "\n\t" else c for c in t)
+    t = explain._SPACE.sub(" ", t)
+    t = re.sub(r"\s+([,.;:!?])", r"\1", t)
+    t = re.sub(r"([,;:])(?:[,;:\s])+", r"\1 ", t)
+    for p in (explain._EMAIL, explain._URL, explain._PHONE, explain._MARKDOWN):
+        t = p.sub(" ", t)
+    t = explain._SPACE.sub(" ", t)
+    return re.sub(r"\s+([,.;:!?])", r"\1", t).strip(" .;,:-")
+
+
+@pytest.mark.parametrize("text", [*ATTACKS, "Plays at home after work. Wants a reliable\tinstrument\x07 (42 reviews).",
+                                  "e.g. a 3.5 mm jack", "Great for kids!  Age 6+", "ftp :// x", "WWW\x0b.x.io"])
+def test_the_fast_paths_change_nothing(text):
+    # the hints skip a pattern only where it cannot match; ASCII folds like the per-character loop
+    assert explain._clean_once(text) == _unguarded_clean_once(text)
+    random = np.random.default_rng(len(text))
+    alphabet = list("ab.:/@ (at)w1 9-\t\x01\u00b7\u200bé")
+    for _ in range(200):
+        s = "".join(random.choice(alphabet, size=int(random.integers(1, 40))))
+        assert explain._clean_once(s) == _unguarded_clean_once(s), repr(s)
