@@ -198,11 +198,17 @@ def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark,
     # the index is 25 items × 3 personas × 16 dims × 4 bytes ≈ 0.0046 MB: a 0.001 MB budget makes 7 blocks
     blocked_cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", f"scoring.alpha={alpha}",
                               "scoring.top_k=10", "scoring.index_budget_mb=0.001")
-    with caplog.at_level("INFO", logger="persona4rec.scoring.score"):
+    with caplog.at_level("INFO", logger="persona4rec.scoring"):
         score.run(spark, blocked_cfg)
     blocked = recommendations(store)
-    assert re.search(r"scored in 7 item blocks", caplog.text)
-    assert not list((tmp_path / "warehouse").rglob("block-*"))  # the run's blocks are removed after the write
+    assert re.search(r"scored in 7 item blocks", caplog.text) and "persona blocks written" in caplog.text
+    # the layout stays for the next night's run of the same persona_index version, which reuses it
+    layouts = {p.parent.parent.name for p in (tmp_path / "warehouse").rglob("block-*")}
+    assert len(layouts) == 1 and layouts.pop().startswith("persona_index-v")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="persona4rec.scoring"):
+        score.run(spark, blocked_cfg)
+    assert "persona blocks reused" in caplog.text and recommendations(store).keys() == blocked.keys()
     assert broadcast.keys() == blocked.keys() and len(blocked) == 300
     for key, a in broadcast.items():
         b = blocked[key]

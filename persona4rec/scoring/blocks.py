@@ -20,8 +20,13 @@ path (score.py).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import shutil
+import uuid
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -30,9 +35,13 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from persona4rec.config import spark_path
 from persona4rec.schemas import ITEM_ID, USER_ID
+from persona4rec.scoring.explain import explanations
 from persona4rec.scoring.rank import PersonaMatrix, max_sim
 from persona4rec.scoring.runs import run_starts, sorted_runs
+
+log = logging.getLogger(__name__)
 
 SCORES_SCHEMA = ("user_id string, item_id string, cf_score double, cf_rank int, source string, has boolean, "
                  "persona_score double, persona_id string")
@@ -104,6 +113,54 @@ def write_blocks(index: DataFrame, blocks: int, path: str, dtype: str) -> list[i
     return sorted(r[0] for r in cells.groupBy("block").applyInArrow(write, "block int").collect())
 
 
+MANIFEST = "_prepared.json"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A persona index laid out for the blocked path: `<path>/block-<b>/` for each block in
+    `present`, `<path>/explanations` (persona_id, persona_name, explanation as Parquet)."""
+    path: str
+    blocks: int
+    present: frozenset
+
+
+def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str) -> Prepared:
+    """The blocks and e-mail texts of `index` at `path`, written once and reused by every later run
+    (both depend only on the persona index, not on the users: the nightly job pays for them once
+    per index version — give `path` a name that changes with it). A crash never leaves a folder
+    that looks complete: everything is written to a sibling first and renamed into place, and a
+    run that loses the race to another writer uses the winner's."""
+    done = _read_manifest(path)
+    if done is not None:
+        log.info("persona blocks reused from %s (%d blocks)", path, done.blocks)
+        return done
+    tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        present = write_blocks(index, blocks, tmp, dtype)
+        explanations(index, max_chars).write.mode("overwrite").parquet(spark_path(os.path.join(tmp, "explanations")))
+        with open(os.path.join(tmp, MANIFEST), "w") as fh:
+            json.dump({"blocks": blocks, "present": present, "dtype": dtype, "max_chars": max_chars}, fh)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another run prepared it meanwhile
+            if _read_manifest(path) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("persona blocks written to %s (%d blocks, %s)", path, blocks, dtype)
+    return _read_manifest(path)
+
+
+def _read_manifest(path: str) -> Prepared | None:
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            m = json.load(fh)
+    except FileNotFoundError:
+        return None
+    return Prepared(path, int(m["blocks"]), frozenset(int(b) for b in m["present"]))
+
+
 _LOADED: dict = {}
 
 
@@ -150,18 +207,18 @@ def routed_rows(candidates: DataFrame, vectors: DataFrame, blocks: int, partitio
         .select(*ROUTED_NAMES)
 
 
-def blocked_persona_scores(candidates: DataFrame, vectors: DataFrame, index: DataFrame, path: str, blocks: int,
-                           dtype: str, partitions: int) -> DataFrame:
+def blocked_persona_scores(candidates: DataFrame, vectors: DataFrame, prepared: Prepared,
+                           partitions: int) -> DataFrame:
     """SCORES_SCHEMA rows for every candidate (user_id, item_id, cf_score, cf_rank, source): `has`
     whether the user has a vector, and where the index holds the item and the user a vector, max
     over the item's personas of cos(user, persona) and the winning persona (else nulls)."""
-    present = frozenset(write_blocks(index, blocks, path, dtype))
+    path, present = prepared.path, prepared.present
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table in sorted_runs(batches, ["block", USER_ID]):
             yield _score_runs(table, path, present)
 
-    return routed_rows(candidates, vectors, blocks, partitions).mapInArrow(score, SCORES_SCHEMA)
+    return routed_rows(candidates, vectors, prepared.blocks, partitions).mapInArrow(score, SCORES_SCHEMA)
 
 
 def _score_runs(t: pa.Table, path: str, present: frozenset) -> pa.RecordBatch:

@@ -18,6 +18,10 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from typing import Iterator
+
+import pandas as pd
+from pyspark.sql import DataFrame
 
 _TAG = re.compile(r"<[^>]*(?:>|$)", re.DOTALL)
 # Characters with no visible width (zero-width space/joiners, word joiner, BOM, soft hyphen, bidi
@@ -111,3 +115,19 @@ def explanation(name: str, description: str, rationale: str, max_chars: int) -> 
     who = sanitize(name, 60)
     text = f"For {who}: {body}" if who else body
     return sanitize(text, max_chars)
+
+
+def explanations(index: DataFrame, max_chars: int) -> DataFrame:
+    """persona_id, persona_name, explanation: the e-mail texts of every persona, computed where the
+    personas are (the blocked path never gathers them)."""
+
+    def texts(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for f in frames:
+            yield pd.DataFrame({
+                "persona_id": f["persona_id"],
+                "persona_name": [sanitize(v, 60) for v in f["name"]],
+                "explanation": [explanation(a, b, c, max_chars)
+                                for a, b, c in zip(f["name"], f["description"], f["preference_rationale"])]})
+
+    return index.select("persona_id", "name", "description", "preference_rationale").mapInPandas(
+        texts, "persona_id string, persona_name string, explanation string")

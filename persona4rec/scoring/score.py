@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -36,11 +37,11 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from persona4rec.config import PRODUCTION, Config
+from persona4rec.config import PRODUCTION, Config, spark_path
 from persona4rec.errors import InputError
 from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, REVIEWS,
                                  USER_ID, USER_VECTORS)
-from persona4rec.scoring.blocks import block_count, blocked_persona_scores, index_megabytes
+from persona4rec.scoring.blocks import Prepared, block_count, blocked_persona_scores, index_megabytes, prepare
 from persona4rec.scoring.explain import explanation, sanitize
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
 from persona4rec.scoring.runs import run_starts, sorted_runs
@@ -223,15 +224,16 @@ def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex
 
 def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame, cfg: Config,
               model_version: str, run_date: dt.date, generator: str, alpha: float | None = None,
-              scratch: str | None = None) -> DataFrame:
+              blocks_dir: str | None = None) -> DataFrame:
     """candidates (user_id, item_id, cf_score, cf_rank, source) + user_vectors (user_id, vector) +
     the persona index → the recommendations rows of every user with candidates, in cfg.mode.
     alpha: the blend weight (default: scoring.alpha, which must then be a number).
 
     The persona index is broadcast while its padded tensor fits `scoring.index_budget_mb` (in
-    `scoring.index_dtype`), else scored in item blocks (blocks.py) written under `scratch` (a
-    folder of this run alone, removed by the caller after the write; default: a new one under the
-    work folder); both give the same rows."""
+    `scoring.index_dtype`), else scored in item blocks (blocks.py); both give the same rows. The
+    blocked layout (blocks + e-mail texts) is kept under `blocks_dir` — a folder that names this
+    version of the index: a later run with the same index, dtype, budget and text length reuses
+    it — default a new folder under the work folder, which the caller removes."""
     sc = cfg.scoring
     alpha = float(sc.alpha if alpha is None else alpha)
     megabytes, items, width, d = index_megabytes(index, np.dtype(sc.index_dtype).itemsize)
@@ -239,8 +241,10 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
         blocks = block_count(megabytes, sc.index_budget_mb)
         log.info("persona index %d items × %d personas × %d dims = %.0f MB (%s) > scoring.index_budget_mb %g: "
                  "scored in %d item blocks", items, width, d, megabytes, sc.index_dtype, sc.index_budget_mb, blocks)
-        scratch = scratch or cfg.work_dir(f"persona_blocks/{cfg.mode}-{generator}-{uuid.uuid4().hex[:12]}")
-        rows = blocked_recommendations(spark, candidates, user_vectors, index, cfg, alpha, blocks, scratch)
+        root = blocks_dir or cfg.work_dir(f"persona_blocks/{cfg.mode}-{generator}-{uuid.uuid4().hex[:12]}")
+        prepared = prepare(index, blocks, sc.index_dtype, sc.explanation_max_chars,
+                           f"{root.rstrip('/')}/{sc.index_dtype}-b{blocks}-c{sc.explanation_max_chars}")
+        rows = blocked_recommendations(spark, candidates, user_vectors, prepared, cfg, alpha)
         return rows.select(F.lit(run_date).alias("run_date"), F.lit(cfg.mode).alias("mode"),
                            F.lit(generator).alias("generator"), F.lit(model_version).alias("model_version"), "*")
     si = scoring_index(index, sc.explanation_max_chars, sc.index_dtype)
@@ -259,35 +263,20 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
         F.lit(model_version).alias("model_version"), "*")
 
 
-def explanations(index: DataFrame, max_chars: int) -> DataFrame:
-    """persona_id, persona_name, explanation: the e-mail texts of every persona, computed where the
-    personas are (the blocked path never gathers them)."""
-
-    def texts(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for f in frames:
-            yield pd.DataFrame({
-                "persona_id": f["persona_id"],
-                "persona_name": [sanitize(v, 60) for v in f["name"]],
-                "explanation": [explanation(a, b, c, max_chars)
-                                for a, b, c in zip(f["name"], f["description"], f["preference_rationale"])]})
-
-    return index.select("persona_id", "name", "description", "preference_rationale").mapInPandas(
-        texts, "persona_id string, persona_name string, explanation string")
-
-
 RANKED_DDL = ("user_id string, rank int, item_id string, score double, persona_score double, cf_rank int, "
               "persona_id string, has_history boolean, path string")
 
 
-def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame,
-                            cfg: Config, alpha: float, blocks: int, path: str) -> DataFrame:
+def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, prepared: Prepared,
+                            cfg: Config, alpha: float) -> DataFrame:
     """The OUTPUT_DDL rows of `recommend` with the persona index in item blocks: per-candidate
     max-sim from blocks.py (every candidate comes back from there with its CF fields: no join back),
     then per user the same blend and ranking, then the explanations joined."""
     sc = cfg.scoring
     configured = spark.conf.get("spark.sql.shuffle.partitions")  # "auto" on some Databricks clusters
-    partitions = max(blocks, int(configured) if configured.isdigit() else spark.sparkContext.defaultParallelism)
-    scores = blocked_persona_scores(candidates, user_vectors, index, path, blocks, sc.index_dtype, partitions)
+    partitions = max(prepared.blocks,
+                     int(configured) if configured.isdigit() else spark.sparkContext.defaultParallelism)
+    scores = blocked_persona_scores(candidates, user_vectors, prepared, partitions)
     top_k = sc.top_k
 
     def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -313,7 +302,8 @@ def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vec
             ], names=RANKED_DDL_NAMES)
 
     ranked = scores.repartition(partitions, USER_ID).sortWithinPartitions(USER_ID).mapInArrow(rank, RANKED_DDL)
-    return ranked.join(explanations(index, sc.explanation_max_chars), "persona_id", "left").select(
+    texts = spark.read.parquet(spark_path(f"{prepared.path}/explanations"))
+    return ranked.join(texts, "persona_id", "left").select(
         USER_ID, "rank", ITEM_ID, "score", "persona_score", "cf_rank", "persona_id", "persona_name",
         F.coalesce("explanation", F.lit(GENERIC_EXPLANATION)).alias("explanation"), "has_history", "path")
 
@@ -356,11 +346,21 @@ def require_coverage(users: DataFrame, have: DataFrame, what: str, fix: str) -> 
         raise InputError(f"{n} user(s) to score have no {what} (e.g. {some}): {fix}")
 
 
+def remove_old_layouts(keep: str) -> None:
+    """After a successful write: the blocked layouts of older persona_index versions (and leftovers
+    of crashed preparations) go; the current one stays for the next night."""
+    parent, name = os.path.split(keep.rstrip("/"))
+    for other in os.listdir(parent) if os.path.isdir(parent) else []:
+        if other != name:
+            shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
+
+
 def run(spark: SparkSession, cfg: Config) -> dict:
     store = TableStore(spark, cfg)
     sc, mode = cfg.scoring, cfg.mode
     run_date = dt.date.fromisoformat(sc.run_date) if sc.run_date else dt.datetime.now(dt.timezone.utc).date()
-    index = store.read(PERSONA_INDEX.name)
+    index_version = store.version(PERSONA_INDEX.name)  # pinned: the blocked layout is kept per table version
+    index = store.read(PERSONA_INDEX.name, version=index_version)
     versions = [r[0] for r in index.select("model_version").distinct().collect()]
     if len(versions) != 1:
         raise InputError(f"persona_index holds model versions {versions}: run build_index first")
@@ -385,13 +385,11 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     vectors = store.read(USER_VECTORS.name).filter(F.col("model_version") == version)
     require_coverage(users, vectors, f"user vector for model version {version} (no interaction_embeddings rows of "
                      f"that version for them)", "rerun build_index, then score_users")
-    scratch = cfg.work_dir(f"persona_blocks/{mode}-{sc.generator}-{uuid.uuid4().hex[:12]}")
-    try:
-        recs = recommend(spark, candidates, vectors, index, cfg, version, run_date, sc.generator, alpha, scratch)
-        w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND mode = '{mode}' "
-                                                       f"AND generator = '{sc.generator}'")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    blocks_dir = cfg.work_dir(f"persona_blocks/persona_index-v{index_version}")
+    recs = recommend(spark, candidates, vectors, index, cfg, version, run_date, sc.generator, alpha, blocks_dir)
+    w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND mode = '{mode}' "
+                                                   f"AND generator = '{sc.generator}'")
+    remove_old_layouts(blocks_dir)
     candidates.unpersist()
     users.unpersist()
     written = store.read(RECOMMENDATIONS.name).filter(
