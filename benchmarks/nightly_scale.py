@@ -11,7 +11,11 @@ user and for the personas (no encoder). Then the real functions, timed: `model_c
 every generator (training on one worker + the distributed top-N, written to Parquet),
 `compute_user_vectors`, and `recommend` (Eq. 10, blend, top 10, explanations) on the BPR-MF
 candidates with `scoring.index_budget_mb` = --budget-mb: the persona index (items × personas × dim
-float32) is over it at the defaults, so the blocked path carries it.
+float32) is over it at the defaults, so the blocked path carries it. The blocked layout of the index
+(blocks + e-mail texts: `blocks.prepare`) depends only on the persona index, and `score_users`
+keeps it from one night to the next per persona_index version, so it is timed apart
+(`index_prep_s`, once per index version) from the nightly rerank + write (`scoring_s`,
+`users_per_s`); the persona texts differ per persona, so no text is sanitised for free.
 
 Each size runs in its own process, so `driver_peak_rss_mb` is that run's peak resident memory of
 the Python driver (where a collect or a broadcast would land; the JVM's heap is capped by
@@ -19,8 +23,9 @@ spark.driver.memory and reported as `jvm_peak_rss_mb`). The second run doubles t
 interactions on the same catalogue: the top-N and the rerank are exact (every user against every
 item, every candidate against its personas), so their work grows with users × items and doubling
 the catalogue as well would quadruple it by construction. Ends with one JSON line: bench, users, items, interactions, candidates_s
-({generator: s}), vectors_s, scoring_s, users_per_s, scoring_path, driver_peak_rss_mb, time_ratio_2x,
-driver_rss_ratio_2x (2N over N), plus both runs' figures.
+({generator: s}), vectors_s, scoring_s, users_per_s, scoring_path, driver_peak_rss_mb, index_prep_s,
+time_ratio_2x, driver_rss_ratio_2x (2N over N; time over candidates + vectors + scoring, the index
+preparation left out because it does not grow with users), plus both runs' figures.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def child(a: argparse.Namespace) -> dict:
     from pyspark.sql import functions as F
 
     from persona4rec.config import load_config
-    from persona4rec.scoring.blocks import index_megabytes
+    from persona4rec.scoring.blocks import block_count, index_megabytes, prepare
     from persona4rec.scoring.candidates import model_candidates
     from persona4rec.scoring.score import recommend
     from persona4rec.scoring.users import compute_user_vectors
@@ -87,9 +92,12 @@ def child(a: argparse.Namespace) -> dict:
                                                 (F.col("id") % P).cast("int").alias("persona_index")) \
         .mapInPandas(unit_rows, "id long, i long, persona_index int, embedding array<float>") \
         .select(iid("i").alias("item_id"), F.concat(iid("i"), F.lit("#"), "persona_index").alias("persona_id"),
-                "persona_index", F.lit("Weekend Guitarist").alias("name"),
-                F.lit("Plays at home after work.").alias("description"),
-                F.lit("Wants a reliable instrument.").alias("preference_rationale"), "embedding") \
+                "persona_index", F.concat(F.lit("Weekend Guitarist "), "persona_index").alias("name"),
+                F.concat(F.lit("Plays at home after work, mostly covers; reviewed item "), iid("i"),
+                         F.lit(" after a month of daily use.")).alias("description"),
+                F.concat(F.lit("Wants a reliable instrument that stays in tune (persona "), "persona_index",
+                         F.lit(") because the reviews mention tuning pegs slipping.")).alias("preference_rationale"),
+                "embedding") \
         .write.mode("overwrite").parquet(f"{root}/index")
     index = spark.read.parquet(f"{root}/index")
 
@@ -105,15 +113,24 @@ def child(a: argparse.Namespace) -> dict:
         .parquet(f"{root}/vectors")
     out["vectors_s"] = round(time.perf_counter() - started, 1)
 
-    megabytes = index_megabytes(index, 4)[0]
+    megabytes, _, width, _ = index_megabytes(index, 4)
     out["index_mb"] = round(megabytes, 1)
     out["scoring_path"] = "blocked" if megabytes > a.budget_mb else "broadcast"
     gen = cfg.scoring.generator
     cands = spark.read.parquet(f"{root}/candidates/{gen}").withColumn("source", F.lit("cf"))
     out["candidate_users"] = cands.select("user_id").distinct().count()
+    layout = f"{root}/work/persona_blocks"
+    if out["scoring_path"] == "blocked":
+        # Once per persona_index version (score_users keeps it for the next nights): timed apart.
+        started = time.perf_counter()
+        blocks = block_count(megabytes, a.budget_mb)
+        prepare(index, blocks, "float32", cfg.scoring.explanation_max_chars,
+                f"{layout}/float32-b{blocks}-c{cfg.scoring.explanation_max_chars}")
+        out["index_prep_s"] = round(time.perf_counter() - started, 1)
+        out["blocks"] = blocks
     started = time.perf_counter()
     recommend(spark, cands, spark.read.parquet(f"{root}/vectors"), index, cfg, "bench", dt.date(2026, 1, 1), gen,
-              1.0).write.format("noop").mode("overwrite").save()
+              1.0, layout).write.format("noop").mode("overwrite").save()
     out["scoring_s"] = round(time.perf_counter() - started, 1)
     out["users_per_s"] = round(out["candidate_users"] / out["scoring_s"], 1)
     out["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -168,7 +185,7 @@ def main() -> None:
     total = lambda r: sum(r["candidates_s"].values()) + r["vectors_s"] + r["scoring_s"]
     print(json.dumps({"bench": "nightly_scale", **{k: one[k] for k in (
         "users", "items", "interactions", "candidates_s", "vectors_s", "scoring_s", "users_per_s", "scoring_path",
-        "driver_peak_rss_mb")},
+        "driver_peak_rss_mb")}, "index_prep_s": one.get("index_prep_s"),
         "time_ratio_2x": round(total(two) / total(one), 3),
         "driver_rss_ratio_2x": round(two["driver_peak_rss_mb"] / one["driver_peak_rss_mb"], 3),
         "personas": a.personas, "dim": a.dim, "budget_mb": a.budget_mb, "index_mb": one["index_mb"],

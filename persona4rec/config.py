@@ -390,6 +390,8 @@ class Config:
                "dims, epochs, layers and batch sizes must be >= 1")
         _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "candidates.device", c.device,
                "must be auto, cpu or cuda[:N]")
+        _check(self.train.device in ("auto", "cpu", "mps") or self.train.device.startswith("cuda"), "train.device",
+               self.train.device, "must be auto, cpu, mps or cuda[:N]")
         _check(1 <= self.scoring.top_k <= self.candidates.top_n, "scoring.top_k", self.scoring.top_k,
                f"must be within 1..candidates.top_n ({self.candidates.top_n})")
         _check(self.scoring.index_budget_mb > 0, "scoring.index_budget_mb", self.scoring.index_budget_mb, "must be > 0")

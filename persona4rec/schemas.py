@@ -239,7 +239,7 @@ USER_VECTORS = TableSpec(
         T.StructField("model_version", T.StringType(), False),
         # "all" (production: every kept interaction) or the evaluation splits, e.g. "train,validation"
         T.StructField("history_splits", T.StringType(), False),
-        T.StructField("n_history", T.IntegerType(), False),  # interactions in that history (k or fewer used)
+        T.StructField("n_history", T.IntegerType(), False),  # cached rows of that history (its newest; k used)
         T.StructField("history_signature", T.LongType(), False),  # xor of row hashes: changes iff the history does
         T.StructField("k", T.IntegerType(), False),  # profile.k the vector was built with
         T.StructField("gamma", T.DoubleType(), False),  # profile.gamma the vector was built with

@@ -11,6 +11,7 @@ from persona4rec.evaluation import metrics
 from persona4rec.evaluation.bootstrap import poisson_weights, ratio_interval
 from persona4rec.evaluation.job import choose_alpha, row_numbers
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
+from persona4rec.scoring.blocks import prepare
 from persona4rec.scoring.score import ScoringIndex
 
 KS = (5, 10, 20)
@@ -122,6 +123,41 @@ def test_protocol_removes_the_validation_item_at_test_time_and_counts_absent_tar
     ranks = {(r.user_id, r.alpha): r.target_rank
              for r in reranked_ranks(spark, targets, ev, vectors, si, (0.0, 1.0)).collect()}
     assert ranks == {("U1", 1.0): 1, ("U1", 0.0): 2, ("U2", 1.0): None, ("U2", 0.0): None}
+
+
+@pytest.mark.spark
+def test_blocked_evaluation_ranks_equal_the_broadcast_ones(spark, tmp_path):
+    # 30 items × 1-3 personas, 40 users with 12 candidates each (one item the index lacks), a
+    # user without a vector: item blocks (7 of them) must rank every held-out item where the
+    # broadcast index does, for every α
+    rng = np.random.default_rng(3)
+    d, items = 8, [f"I{i}" for i in range(30)]
+    rows = [(it, f"{it}#{p}", p, "n", "x", "y", (v / np.linalg.norm(v)).astype(np.float32).tolist())
+            for it in items for p in range(1 + items.index(it) % 3) for v in [rng.normal(size=d)]]
+    schema = ("item_id string, persona_id string, persona_index int, name string, description string, "
+              "preference_rationale string, embedding array<float>")
+    index = spark.createDataFrame(rows, schema)
+    cand_rows, target_rows = [], []
+    for u in range(40):
+        picks = rng.choice(len(items), size=11, replace=False)
+        names = [items[i] for i in picks] + ["I_unindexed"]
+        cand_rows += [(f"U{u}", it, float(12 - r), r + 1, it == names[u % 12]) for r, it in enumerate(names)]
+        target_rows.append((f"U{u}", names[u % 12]))
+    cands = spark.createDataFrame(cand_rows, "user_id string, item_id string, cf_score double, cf_rank int, "
+                                             "is_target boolean")
+    targets = spark.createDataFrame(target_rows, "user_id string, item_id string")
+    vectors = spark.createDataFrame([(f"U{u}", (rng.normal(size=d) / 3).astype(np.float32).tolist())
+                                     for u in range(1, 40)], "user_id string, vector array<float>")
+    alphas = (0.0, 0.5, 1.0)
+    si = ScoringIndex.build(index.toArrow(), 100)
+    broadcast = {(r.user_id, r.alpha): r.target_rank
+                 for r in reranked_ranks(spark, targets, cands, vectors, si, alphas).collect()}
+    prepared = prepare(index, 7, "float32", 100, str(tmp_path / "layout"), texts=False)
+    assert prepared.blocks == 7 and not (tmp_path / "layout" / "explanations").exists()
+    blocked = {(r.user_id, r.alpha): r.target_rank
+               for r in reranked_ranks(spark, targets, cands, vectors, prepared, alphas).collect()}
+    assert len(broadcast) == 120 and blocked == broadcast
+    assert broadcast[("U11", 1.0)] is not None and len({broadcast[(f"U{u}", 1.0)] for u in range(40)}) > 3
 
 
 @pytest.mark.spark

@@ -231,3 +231,15 @@ def test_a_float16_index_scores_within_1e_3_of_float32(spark, tmp_path):
         half = {(r.user_id, r.item_id): r.persona_score for r in recommendations(store).values()}
         assert half.keys() == full.keys()  # top 12 of 12 candidates: every pair on both sides
         assert max(abs(half[k] - full[k]) for k in full) < 1e-3
+
+
+@pytest.mark.spark
+def test_only_the_interactions_a_user_vector_reads_are_embedded(spark):
+    from persona4rec.scoring.index import vector_inputs
+    # U1: 25 interactions, the last 6 outside the training split; U2: 2 (fewer than k)
+    rows = [("U1", f"I{t}", t, 0, "train" if t < 19 else ("validation" if t < 22 else "test"), f"text {t}")
+            for t in range(25)] + [("U2", "A", 5, 0, "train", "a"), ("U2", "B", 5, 1, "test", "b")]
+    texts = spark.createDataFrame(rows, "user_id string, item_id string, ts long, seq int, split string, text string")
+    kept = {(r.user_id, r.ts, r.seq) for r in vector_inputs(texts, 3, ("train",)).collect()}
+    # U1: the last 3 overall (22-24) and the last 3 training ones (16-18); U2: both
+    assert kept == {("U1", t, 0) for t in (16, 17, 18, 22, 23, 24)} | {("U2", 5, 0), ("U2", 5, 1)}

@@ -22,7 +22,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import shutil
 import tempfile
+import uuid
 
 import mlflow
 import numpy as np
@@ -38,7 +40,9 @@ from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, re
 from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_PERSONAS,
                                  ITEM_SUMMARIES, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder, untuned_encoder
-from persona4rec.scoring.score import scoring_index
+from persona4rec.scoring.blocks import Prepared, block_count, index_megabytes, prepare
+from persona4rec.scoring.index import vector_inputs
+from persona4rec.scoring.score import ScoringIndex, scoring_index
 from persona4rec.scoring.users import compute_user_vectors
 from persona4rec.tables import TableStore
 from persona4rec.training.registry import set_blend_alpha, setup_mlflow
@@ -61,7 +65,9 @@ class Embedded:
             F.lit("Item summary").alias("name"), F.col("summary").alias("description"),
             F.lit("").alias("preference_rationale"), F.col("summary").alias("persona_text"))
         self.summaries = embed_column(summaries, "persona_text", ref).persist()
-        texts = stored_interaction_texts(store, cfg).filter(F.col(SPLIT).isin(TRAIN, VALIDATION))
+        # what the validation (train history) and test (train + validation) user vectors read
+        texts = vector_inputs(stored_interaction_texts(store, cfg).filter(F.col(SPLIT).isin(TRAIN, VALIDATION)),
+                              cfg.profile.k, (TRAIN,))
         self.interactions = embed_column(texts, "text", ref).persist()
         log.info("evaluation embeddings with %s: %d personas, %d summaries, %d interactions", ref.version,
                  self.personas.count(), self.summaries.count(), self.interactions.count())
@@ -72,6 +78,19 @@ class Embedded:
     def release(self) -> None:
         for df in (self.personas, self.summaries, self.interactions):
             df.unpersist()
+
+
+def variant_index(personas: DataFrame, cfg: Config, folder: str) -> ScoringIndex | Prepared:
+    """A variant's persona index as score_users would hold it: broadcast while its padded tensor
+    fits scoring.index_budget_mb, else laid out in item blocks under `folder` (no e-mail texts)."""
+    sc = cfg.scoring
+    megabytes, items, width, d = index_megabytes(personas, np.dtype(sc.index_dtype).itemsize)
+    if megabytes <= sc.index_budget_mb:
+        return scoring_index(personas, sc.explanation_max_chars, sc.index_dtype)
+    blocks = block_count(megabytes, sc.index_budget_mb)
+    log.info("evaluation index %s: %.0f MB > scoring.index_budget_mb %g, %d item blocks", folder, megabytes,
+             sc.index_budget_mb, blocks)
+    return prepare(personas, blocks, sc.index_dtype, sc.explanation_max_chars, folder, texts=False)
 
 
 def row_numbers(df: DataFrame, *order) -> DataFrame:
@@ -155,14 +174,13 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     if not generators:
         raise InputError("candidates has no evaluation-mode rows: run generate_candidates with mode=evaluation "
                          "(the generators then train on the training split only) before evaluate")
-    max_chars, grid = cfg.scoring.explanation_max_chars, tuple(sorted(set(ev.alpha_grid) | {1.0}))
+    grid = tuple(sorted(set(ev.alpha_grid) | {1.0}))
     parts, alphas = [], {}
     ft = encoders["finetuned"]
-    indexes = {"finetuned": scoring_index(ft.personas, max_chars),
-               "vanilla": scoring_index(encoders["vanilla"].personas, max_chars),
-               "summary_only": scoring_index(ft.summaries, max_chars),
-               **{f"personas_{n}": scoring_index(ft.personas.filter(F.col("persona_index") < n), max_chars)
-                  for n in ev.persona_caps}}
+    layouts = cfg.work_dir(f"persona_blocks/evaluate-{uuid.uuid4().hex[:12]}")  # this run's, removed at its end
+    indexes = {name: variant_index(df, cfg, f"{layouts}/{name}") for name, df in (
+        ("finetuned", ft.personas), ("vanilla", encoders["vanilla"].personas), ("summary_only", ft.summaries),
+        *((f"personas_{n}", ft.personas.filter(F.col("persona_index") < n)) for n in ev.persona_caps))}
     # The rank parts stay lazy until their union is written; what they share is cached until then.
     cached: list[DataFrame] = []
     for split in (VALIDATION, TEST):
@@ -249,5 +267,6 @@ def run(spark: SparkSession, cfg: Config) -> dict:
             set_blend_alpha(cfg, client, champion.version, gen, a)
     for e in {id(e): e for e in encoders.values()}.values():
         e.release()
+    shutil.rmtree(layouts, ignore_errors=True)
     log.info("evaluation run %s: %s", run_id, summary)
     return summary

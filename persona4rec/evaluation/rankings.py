@@ -17,6 +17,8 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from persona4rec.schemas import ITEM_ID, SPLIT, USER_ID, VALIDATION
+from persona4rec.scoring.blocks import Prepared, blocked_persona_scores
+from persona4rec.scoring.runs import run_starts, sorted_runs
 from persona4rec.scoring.score import (ScoringIndex, candidate_arrays, rank_candidates, user_candidates,
                                        vector_matrix)
 
@@ -44,9 +46,12 @@ def generator_ranks(targets: DataFrame, cands: DataFrame) -> DataFrame:
 
 
 def reranked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, vectors: DataFrame,
-                   si: ScoringIndex, alphas: tuple[float, ...]) -> DataFrame:
+                   si: ScoringIndex | Prepared, alphas: tuple[float, ...]) -> DataFrame:
     """user_id, alpha, target_rank after the persona rerank (Eq. 10, blended with CF by alpha),
-    for every alpha of the (non-empty) grid in one pass."""
+    for every alpha of the (non-empty) grid in one pass; `si` the broadcast index, or the blocked
+    layout of one over scoring.index_budget_mb (the same ranks: score.py, blocks.py)."""
+    if isinstance(si, Prepared):
+        return _blocked_ranks(spark, targets, cands, vectors, si, alphas)
     bc = spark.sparkContext.broadcast(si)
     users = user_candidates(spark, cands, si, ("is_target",)).join(vectors.select(USER_ID, "vector"), USER_ID, "left")
 
@@ -75,3 +80,37 @@ def reranked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, ve
     return targets.select(USER_ID).crossJoin(grid).join(ranked, [USER_ID, "alpha"], "left")
 
 
+def _blocked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, vectors: DataFrame, prepared: Prepared,
+                   alphas: tuple[float, ...]) -> DataFrame:
+    """reranked_ranks over item blocks: per-candidate max-sim from blocks.py, the held-out flag
+    joined back, then each user's candidates ranked for every alpha from sorted runs."""
+    configured = spark.conf.get("spark.sql.shuffle.partitions")
+    partitions = max(prepared.blocks, int(configured) if configured.isdigit() else spark.sparkContext.defaultParallelism)
+    scores = blocked_persona_scores(cands.withColumn("source", F.lit("cf")), vectors, prepared, partitions) \
+        .join(cands.select(USER_ID, ITEM_ID, "is_target"), [USER_ID, ITEM_ID])
+
+    def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for t in sorted_runs(batches, [USER_ID]):
+            t = t.combine_chunks()
+            starts = np.flatnonzero(run_starts(t, [USER_ID]))
+            counts = np.diff(np.append(starts, t.num_rows))
+            col = lambda name: t.column(name).chunk(0).to_numpy(zero_copy_only=False)
+            has, is_target = col("has")[starts].astype(bool), col("is_target").astype(bool)
+            cf, cf_rank = col("cf_score").astype(np.float64), col("cf_rank").astype(np.int64)
+            persona = col("persona_score").astype(np.float64)
+            ids, alpha_out, rank_out = [], [], []
+            for alpha in alphas:
+                r = rank_candidates(None, has, counts, None, cf, cf_rank, None, alpha, None, persona)
+                hit = is_target[r.candidate]
+                ids.append(starts[r.user[hit]])
+                rank_out.append(r.rank[hit])
+                alpha_out.append(np.full(int(hit.sum()), alpha))
+            yield pa.RecordBatch.from_arrays([
+                t.column(USER_ID).chunk(0).take(pa.array(np.concatenate(ids))).cast(pa.string()),
+                pa.array(np.concatenate(alpha_out), pa.float64()),
+                pa.array(np.concatenate(rank_out).astype(np.int32), pa.int32())], schema=_OUT)
+
+    ranked = scores.repartition(partitions, USER_ID).sortWithinPartitions(USER_ID) \
+        .mapInArrow(rank, "user_id string, alpha double, target_rank int")
+    grid = spark.createDataFrame([(float(a),) for a in alphas], "alpha double")
+    return targets.select(USER_ID).crossJoin(grid).join(ranked, [USER_ID, "alpha"], "left")

@@ -104,13 +104,13 @@ def item_personas(reviews: pd.DataFrame, model, max_personas: int, seed: int) ->
 
 def clustered_personas(reviews: DataFrame, cfg: Config) -> DataFrame:
     """Usable reviews → one row per persona (plus its member user ids), items partitioned together."""
-    model_path, max_len = resolve_model_name(cfg.train.base_model), cfg.train.max_seq_length
+    model_path, max_len, dev = resolve_model_name(cfg.train.base_model), cfg.train.max_seq_length, cfg.train.device
     max_personas, seed = cfg.offline.max_personas, cfg.train.seed
     rows = reviews.select(USER_ID, ITEM_ID, RATING, "review_text", "helpful_votes") \
         .repartition(ITEM_ID).sortWithinPartitions(ITEM_ID, USER_ID)
 
     def build(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        model = worker_model(model_path, max_len)
+        model = worker_model(model_path, max_len, dev)
         yield from per_item(batches, lambda rows: item_personas(rows, model, max_personas, seed), _OUT.fieldNames())
 
     return rows.mapInPandas(build, _OUT)

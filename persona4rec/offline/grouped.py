@@ -84,7 +84,7 @@ def build_requests(aspects: DataFrame, summaries: DataFrame, cfg: Config) -> Dat
             .join(summaries.select(ITEM_ID, "summary"), ITEM_ID, "left")
             .repartition(ITEM_ID).sortWithinPartitions(ITEM_ID, USER_ID))
     off, settings, seed = cfg.offline, cfg.llm, cfg.train.seed
-    model_path, max_len = resolve_model_name(cfg.train.base_model), cfg.train.max_seq_length
+    model_path, max_len, dev = resolve_model_name(cfg.train.base_model), cfg.train.max_seq_length, cfg.train.device
     task = group_task(off.domain)
 
     def item_requests(pdf: pd.DataFrame, model) -> list[dict]:
@@ -106,7 +106,7 @@ def build_requests(aspects: DataFrame, summaries: DataFrame, cfg: Config) -> Dat
         return out
 
     def render(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        model = worker_model(model_path, max_len)
+        model = worker_model(model_path, max_len, dev)
         yield from per_item(batches, lambda rows: item_requests(rows, model), _REQUESTS.fieldNames())
 
     return rows.mapInPandas(render, _REQUESTS)

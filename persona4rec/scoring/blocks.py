@@ -123,14 +123,16 @@ class Prepared:
     path: str
     blocks: int
     present: frozenset
+    dtype: str = "float32"
 
 
-def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str) -> Prepared:
+def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str, texts: bool = True) -> Prepared:
     """The blocks and e-mail texts of `index` at `path`, written once and reused by every later run
     (both depend only on the persona index, not on the users: the nightly job pays for them once
     per index version — give `path` a name that changes with it). A crash never leaves a folder
     that looks complete: everything is written to a sibling first and renamed into place, and a
-    run that loses the race to another writer uses the winner's."""
+    run that loses the race to another writer uses the winner's. texts False: no e-mail texts
+    (evaluation ranks only)."""
     done = _read_manifest(path)
     if done is not None:
         log.info("persona blocks reused from %s (%d blocks)", path, done.blocks)
@@ -138,7 +140,9 @@ def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str
     tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         present = write_blocks(index, blocks, tmp, dtype)
-        explanations(index, max_chars).write.mode("overwrite").parquet(spark_path(os.path.join(tmp, "explanations")))
+        if texts:
+            explanations(index, max_chars).write.mode("overwrite").parquet(
+                spark_path(os.path.join(tmp, "explanations")))
         with open(os.path.join(tmp, MANIFEST), "w") as fh:
             json.dump({"blocks": blocks, "present": present, "dtype": dtype, "max_chars": max_chars}, fh)
         try:
@@ -158,7 +162,7 @@ def _read_manifest(path: str) -> Prepared | None:
             m = json.load(fh)
     except FileNotFoundError:
         return None
-    return Prepared(path, int(m["blocks"]), frozenset(int(b) for b in m["present"]))
+    return Prepared(path, int(m["blocks"]), frozenset(int(b) for b in m["present"]), m["dtype"])
 
 
 _LOADED: dict = {}
@@ -186,21 +190,65 @@ def load_block(path: str, block: int) -> tuple[PersonaMatrix, pa.Array, pa.Array
 ROUTED_NAMES = ["block", USER_ID, "kind", "vector", ITEM_ID, "cf_score", "cf_rank", "source"]
 
 
-def routed_rows(candidates: DataFrame, vectors: DataFrame, blocks: int, partitions: int) -> DataFrame:
+def pack_vectors(vectors: DataFrame, dtype: str) -> DataFrame:
+    """user_id, vector as bytes (`dtype`, native order) of every user with a vector: converted from
+    an array once per user, so the copies routed to blocks travel (shuffle, JVM → Arrow) as one
+    memcpy each instead of an element-by-element array conversion; float16 halves them."""
+
+    def pack(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            yield pa.RecordBatch.from_arrays([b.column(0), packed_array(b.column(1), dtype)], names=[USER_ID, "vector"])
+
+    return vectors.filter(F.col("vector").isNotNull()).select(USER_ID, "vector").mapInArrow(
+        pack, f"{USER_ID} string, vector binary")
+
+
+def packed_array(vec: pa.ListArray, dtype: str) -> pa.Array:
+    """A list<float> array (no nulls) as a binary array of the values in `dtype`, row by row."""
+    itemsize = np.dtype(dtype).itemsize
+    lengths = vec.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]) * itemsize
+    if offsets[-1] >= 2 ** 31:
+        raise ValueError(f"a batch of {len(vec)} user vectors is over 2 GB: lower spark.sql.execution.arrow."
+                         f"maxRecordsPerBatch")
+    values = vec.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    return pa.Array.from_buffers(pa.binary(), len(vec), [None, pa.py_buffer(offsets.astype(np.int32)),
+                                                         pa.py_buffer(values.tobytes())])
+
+
+def unpacked_matrix(vecs: pa.Array, dtype: str, d: int, users: pa.Array) -> np.ndarray:
+    """The packed vectors of `packed_array` as (n, d) float32; a vector of another length than
+    the index's fails, naming its user."""
+    itemsize = np.dtype(dtype).itemsize
+    validity, offsets, data = vecs.buffers()
+    off = np.frombuffer(offsets, dtype=np.int32)[vecs.offset:vecs.offset + len(vecs) + 1].astype(np.int64)
+    lengths = np.diff(off) // itemsize
+    if (lengths != d).any():
+        bad = int(np.argmax(lengths != d))
+        raise ValueError(f"user_vectors: user {users[bad].as_py()!r} has a vector of length {lengths[bad]} (field "
+                         f"'vector'), the persona index has dimension {d}: rerun build_index and score_users with "
+                         f"one model version")
+    raw = np.frombuffer(data, dtype=np.uint8)[off[0]:off[-1]] if len(vecs) else np.zeros(0, np.uint8)
+    return raw.view(dtype).reshape(len(vecs), d).astype(np.float32)
+
+
+def routed_rows(candidates: DataFrame, vectors: DataFrame, blocks: int, partitions: int,
+                dtype: str = "float32") -> DataFrame:
     """ROUTED_NAMES rows, flat: per (user, block holding some of its candidates) one `kind` 0 row
-    with the user's vector (none for a user without one) followed by `kind` 1 rows, one per
-    candidate in that block with its CF fields; hash-partitioned by (block, shard of the user) and
-    sorted by (block, user, kind) in each task. No `collect_list`: runs are cut in the task."""
+    with the user's vector packed as bytes (`pack_vectors`; none for a user without one) followed
+    by `kind` 1 rows, one per candidate in that block with its CF fields; hash-partitioned by
+    (block, shard of the user) and sorted by (block, user, kind) in each task. No `collect_list`:
+    runs are cut in the task."""
     shards = max(1, math.ceil(SHARDS_PER_TASK * partitions / blocks))
     cands = candidates.select(USER_ID, ITEM_ID, "cf_score", "cf_rank", "source",
                               block_of(F.col(ITEM_ID), blocks).alias("block"))
     pairs = cands.select(USER_ID, "block").distinct()
-    vec_rows = pairs.join(vectors.filter(F.col("vector").isNotNull()).select(USER_ID, "vector"), USER_ID).select(
+    vec_rows = pairs.join(pack_vectors(vectors, dtype), USER_ID).select(
         "block", USER_ID, F.lit(0).alias("kind"), "vector", F.lit(None).cast("string").alias(ITEM_ID),
         F.lit(None).cast("double").alias("cf_score"), F.lit(None).cast("int").alias("cf_rank"),
         F.lit(None).cast("string").alias("source"))
     cand_rows = cands.select("block", USER_ID, F.lit(1).alias("kind"),
-                             F.lit(None).cast("array<float>").alias("vector"), ITEM_ID,
+                             F.lit(None).cast("binary").alias("vector"), ITEM_ID,
                              F.col("cf_score").cast("double"), F.col("cf_rank").cast("int"), "source")
     return vec_rows.unionByName(cand_rows).withColumn("shard", F.pmod(F.xxhash64(USER_ID), F.lit(shards))) \
         .repartition(partitions, "block", "shard").sortWithinPartitions("block", USER_ID, "kind") \
@@ -212,16 +260,16 @@ def blocked_persona_scores(candidates: DataFrame, vectors: DataFrame, prepared: 
     """SCORES_SCHEMA rows for every candidate (user_id, item_id, cf_score, cf_rank, source): `has`
     whether the user has a vector, and where the index holds the item and the user a vector, max
     over the item's personas of cos(user, persona) and the winning persona (else nulls)."""
-    path, present = prepared.path, prepared.present
+    path, present, dtype = prepared.path, prepared.present, prepared.dtype
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table in sorted_runs(batches, ["block", USER_ID]):
-            yield _score_runs(table, path, present)
+            yield _score_runs(table, path, present, dtype)
 
-    return routed_rows(candidates, vectors, prepared.blocks, partitions).mapInArrow(score, SCORES_SCHEMA)
+    return routed_rows(candidates, vectors, prepared.blocks, partitions, dtype).mapInArrow(score, SCORES_SCHEMA)
 
 
-def _score_runs(t: pa.Table, path: str, present: frozenset) -> pa.RecordBatch:
+def _score_runs(t: pa.Table, path: str, present: frozenset, dtype: str) -> pa.RecordBatch:
     """Max-sim of the candidates of whole (block, user) runs: no Python object per candidate."""
     t = t.combine_chunks()
     run = np.cumsum(run_starts(t, ["block", USER_ID])) - 1
@@ -243,7 +291,8 @@ def _score_runs(t: pa.Table, path: str, present: frozenset) -> pa.RecordBatch:
             continue
         pm, block_items, ids = load_block(path, int(block[lo]))
         if users is None:
-            users = _vector_matrix(vecs, pm.vectors.shape[2], t.column(USER_ID).chunk(0).filter(pa.array(is_vec)))
+            users = unpacked_matrix(vecs, dtype, pm.vectors.shape[2],
+                                    t.column(USER_ID).chunk(0).filter(pa.array(is_vec)))
         rows = pc.index_in(items.slice(int(lo), int(hi - lo)), value_set=block_items).fill_null(-1) \
             .to_numpy(zero_copy_only=False)
         live = np.flatnonzero((rows >= 0) & (owner[lo:hi] >= 0))
@@ -266,14 +315,3 @@ def _score_runs(t: pa.Table, path: str, present: frozenset) -> pa.RecordBatch:
         persona],
         names=[c.split()[0] for c in SCORES_SCHEMA.split(", ")])
 
-
-def _vector_matrix(vecs: pa.ListArray, d: int, users: pa.Array) -> np.ndarray:
-    """The routed vectors as (n, d) float32; a vector of another length than the index's fails,
-    naming its user."""
-    lengths = vecs.value_lengths().to_numpy(zero_copy_only=False)
-    if (lengths != d).any():
-        bad = int(np.argmax(lengths != d))
-        raise ValueError(f"user_vectors: user {users[bad].as_py()!r} has a vector of length {lengths[bad]} (field "
-                         f"'vector'), the persona index has dimension {d}: rerun build_index and score_users with "
-                         f"one model version")
-    return vecs.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(vecs), d)

@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from persona4rec.config import Config
-from persona4rec.training.encoder import resolve_model_name
+from persona4rec.training.encoder import pick_device, resolve_model_name
 
 log = logging.getLogger(__name__)
 _WORKER_MODELS: dict[str, object] = {}
@@ -30,6 +30,7 @@ class EncoderRef:
     path: str  # a folder SentenceTransformer can load
     version: str  # registry version, or "untuned:<base model>"
     max_seq_length: int | None = None  # tokens per text (as in training); None = the model's own
+    device: str = "auto"  # where each task encodes: auto = the task's GPU when torch sees one (train.device)
 
 
 def resolve_encoder(cfg: Config) -> EncoderRef:
@@ -45,24 +46,25 @@ def resolve_encoder(cfg: Config) -> EncoderRef:
     if not os.path.isdir(folder):
         model, _ = load_alias(cfg, CHAMPION)
         model.save(folder)
-    return EncoderRef(folder, str(version), cfg.train.max_seq_length)
+    return EncoderRef(folder, str(version), cfg.train.max_seq_length, cfg.train.device)
 
 
 def untuned_encoder(cfg: Config) -> EncoderRef:
     return EncoderRef(resolve_model_name(cfg.train.base_model), f"untuned:{cfg.train.base_model}",
-                      cfg.train.max_seq_length)
+                      cfg.train.max_seq_length, cfg.train.device)
 
 
-def worker_model(path: str, max_seq_length: int | None = None):
+def worker_model(path: str, max_seq_length: int | None = None, device: str = "auto"):
     """The model at `path`, loaded once per Python worker (texts longer than max_seq_length
-    tokens are cut, as in training)."""
-    key = f"{path}@{max_seq_length}"
+    tokens are cut, as in training), on `device`: `auto` = the GPU this task's process sees
+    (a GPU cluster's executors), else the CPU."""
+    key = f"{path}@{max_seq_length}@{device}"
     model = _WORKER_MODELS.get(key)
     if model is None:
         from sentence_transformers import SentenceTransformer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = SentenceTransformer(path, device="cpu")
+        model = SentenceTransformer(path, device=pick_device(device))
         if max_seq_length:
             model.max_seq_length = max_seq_length
         _WORKER_MODELS[key] = model
@@ -73,10 +75,10 @@ def embed_column(df: DataFrame, text_col: str, ref: EncoderRef, batch_size: int 
     """df + `embedding` (array<float>, L2-normalised) + `model_version`; other columns kept."""
     schema = T.StructType(df.schema.fields + [T.StructField("embedding", T.ArrayType(T.FloatType())),
                                               T.StructField("model_version", T.StringType())])
-    path, version, max_len = ref.path, ref.version, ref.max_seq_length
+    path, version, max_len, dev = ref.path, ref.version, ref.max_seq_length, ref.device
 
     def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        model = worker_model(path, max_len)
+        model = worker_model(path, max_len, dev)
         for pdf in batches:
             vecs = model.encode(pdf[text_col].tolist(), batch_size=batch_size, convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=False).astype(np.float32)

@@ -4,18 +4,22 @@ Both are embedded with the scoring encoder (`@champion`, else the un-tuned one) 
 version in every row. Only what is new is embedded: a persona whose id (which hashes its text)
 and model version are already indexed is kept; an interaction whose text hash and model version
 are already cached is kept; a new interaction adds one row. A new model version re-embeds all.
+
+Only the interactions a user vector reads are embedded (`vector_inputs`): each user's last k
+overall (production) and last k within `scoring.history_splits` (evaluation) — at most 2k per
+user, however long the history; an interaction that falls out of both windows leaves the cache.
 """
 
 from __future__ import annotations
 
 import logging
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.config import Config
-from persona4rec.schemas import INTERACTION_EMBEDDINGS, ITEM_ID, ITEM_PERSONAS, PERSONA_INDEX, USER_ID
+from persona4rec.schemas import INTERACTION_EMBEDDINGS, ITEM_ID, ITEM_PERSONAS, PERSONA_INDEX, SPLIT, TS, USER_ID
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder
 from persona4rec.tables import TableStore
 
@@ -40,8 +44,19 @@ def index_personas(store: TableStore, ref: EncoderRef) -> tuple[DataFrame, int]:
     return (fresh if keep is None else fresh.unionByName(keep.select(PERSONA_INDEX.columns))), n
 
 
+def vector_inputs(texts: DataFrame, k: int, splits: tuple[str, ...]) -> DataFrame:
+    """The rows of `texts` some user vector reads (users.py: the last k by ts, seq): each user's
+    last k overall and last k within `splits`."""
+    newest = lambda *by: Window.partitionBy(USER_ID, *by).orderBy(F.col(TS).desc(), F.col("seq").desc())
+    in_splits = F.col(SPLIT).isin(*splits)
+    return texts.withColumn("_all", F.row_number().over(newest())) \
+        .withColumn("_in", F.row_number().over(newest(in_splits))) \
+        .filter((F.col("_all") <= k) | (in_splits & (F.col("_in") <= k))).drop("_all", "_in")
+
+
 def embed_interactions(store: TableStore, cfg: Config, ref: EncoderRef) -> tuple[DataFrame, int]:
-    texts = stored_interaction_texts(store, cfg).withColumn("text_hash", F.sha2("text", 256))
+    texts = vector_inputs(stored_interaction_texts(store, cfg), cfg.profile.k, cfg.scoring.history_splits) \
+        .withColumn("text_hash", F.sha2("text", 256))
     todo, keep = _reuse(store, INTERACTION_EMBEDDINGS.name, texts, [USER_ID, ITEM_ID, "text_hash"], ref.version)
     n = todo.count()
     fresh = embed_column(todo, "text", ref).select(INTERACTION_EMBEDDINGS.columns)
