@@ -48,7 +48,7 @@ def child(a: argparse.Namespace) -> dict:
     from persona4rec.config import load_config
     from persona4rec.scoring.blocks import block_count, index_megabytes, prepare
     from persona4rec.scoring.candidates import model_candidates
-    from persona4rec.scoring.score import recommend
+    from persona4rec.scoring.score import layout_path, recommend
     from persona4rec.scoring.users import compute_user_vectors
     from persona4rec.spark import get_spark
 
@@ -124,8 +124,7 @@ def child(a: argparse.Namespace) -> dict:
         # Once per persona_index version (score_users keeps it for the next nights): timed apart.
         started = time.perf_counter()
         blocks = block_count(megabytes, a.budget_mb)
-        prepare(index, blocks, "float32", cfg.scoring.explanation_max_chars,
-                f"{layout}/float32-b{blocks}-c{cfg.scoring.explanation_max_chars}")
+        prepare(index, blocks, "float32", cfg.scoring.explanation_max_chars, layout_path(layout, cfg, blocks))
         out["index_prep_s"] = round(time.perf_counter() - started, 1)
         out["blocks"] = blocks
     started = time.perf_counter()

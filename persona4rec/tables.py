@@ -71,6 +71,19 @@ class TableStore:
             return DeltaTable.forName(self.spark, self.location(name))
         return DeltaTable.forPath(self.spark, self.location(name))
 
+    def properties(self, name: str) -> dict[str, str]:
+        """The Delta table's TBLPROPERTIES."""
+        return dict(self.delta(name).detail().select("properties").first()[0] or {})
+
+    def set_properties(self, name: str, values: dict[str, str]) -> None:
+        """Set TBLPROPERTIES that differ from the table's (none differing: no commit, so an
+        unchanged rerun still commits no version)."""
+        changed = {k: v for k, v in values.items() if self.properties(name).get(k) != v}
+        if changed:
+            table = self.location(name) if self._prefix else f"delta.`{self.location(name)}`"
+            pairs = ", ".join(f"'{k}' = '{v}'" for k, v in changed.items())
+            self.spark.sql(f"ALTER TABLE {table} SET TBLPROPERTIES ({pairs})")
+
     def read(self, name: str, version: int | None = None) -> DataFrame:
         if not self.exists(name):
             raise FileNotFoundError(

@@ -203,7 +203,7 @@ def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark,
     blocked = recommendations(store)
     assert re.search(r"scored in 7 item blocks", caplog.text) and "persona blocks written" in caplog.text
     # the layout stays for the next night's run of the same persona_index version, which reuses it
-    layouts = {p.parent.parent.name for p in (tmp_path / "warehouse").rglob("block-*")}
+    layouts = {p.parents[2].name for p in (tmp_path / "warehouse").rglob("block-*")}
     assert len(layouts) == 1 and layouts.pop().startswith("persona_index-v")
     caplog.clear()
     with caplog.at_level("INFO", logger="persona4rec.scoring"):
@@ -243,3 +243,23 @@ def test_only_the_interactions_a_user_vector_reads_are_embedded(spark):
     kept = {(r.user_id, r.ts, r.seq) for r in vector_inputs(texts, 3, ("train",)).collect()}
     # U1: the last 3 overall (22-24) and the last 3 training ones (16-18); U2: both
     assert kept == {("U1", t, 0) for t in (16, 17, 18, 22, 23, 24)} | {("U2", 5, 0), ("U2", 5, 1)}
+
+
+@pytest.mark.spark
+def test_a_run_needing_more_history_than_build_index_embedded_fails(spark, tmp_path):
+    from persona4rec.scoring.index import WINDOW_PROPERTY, check_window, window_value
+    cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02")
+    store, _, _ = synthetic(spark, cfg)
+    check_window(store, 50, ("validation",))  # a table without the property holds every interaction
+    before = store.version("interaction_embeddings")
+    store.set_properties("interaction_embeddings", {WINDOW_PROPERTY: window_value(10, ("train",))})
+    store.set_properties("interaction_embeddings", {WINDOW_PROPERTY: window_value(10, ("train",))})
+    assert store.version("interaction_embeddings") == before + 1  # an unchanged value commits nothing
+    check_window(store, 10, ("train",))
+    check_window(store, 5, None)  # production: the last 10 overall hold any user's last 5
+    with pytest.raises(InputError, match=r"holds each user's last 10 .* needs the last 20: rerun build_index"):
+        check_window(store, 20, None)
+    with pytest.raises(InputError, match=r"history splits train\), this run needs the last 10 of train,validation"):
+        check_window(store, 10, ("train", "validation"))
+    with pytest.raises(InputError, match="needs the last 20"):
+        score.run(spark, make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", "profile.k=20"))

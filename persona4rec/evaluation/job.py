@@ -159,6 +159,14 @@ def bar_chart(rows: list, path: str, k: int) -> None:
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
+    layouts = cfg.work_dir(f"evaluate_blocks/{uuid.uuid4().hex[:12]}")  # item blocks of this run's variants
+    try:
+        return _evaluate(spark, cfg, layouts)
+    finally:
+        shutil.rmtree(layouts, ignore_errors=True)
+
+
+def _evaluate(spark: SparkSession, cfg: Config, layouts: str) -> dict:
     store = TableStore(spark, cfg)
     ev, prof = cfg.evaluation, cfg.profile
     client = setup_mlflow(cfg)
@@ -177,7 +185,6 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     grid = tuple(sorted(set(ev.alpha_grid) | {1.0}))
     parts, alphas = [], {}
     ft = encoders["finetuned"]
-    layouts = cfg.work_dir(f"persona_blocks/evaluate-{uuid.uuid4().hex[:12]}")  # this run's, removed at its end
     indexes = {name: variant_index(df, cfg, f"{layouts}/{name}") for name, df in (
         ("finetuned", ft.personas), ("vanilla", encoders["vanilla"].personas), ("summary_only", ft.summaries),
         *((f"personas_{n}", ft.personas.filter(F.col("persona_index") < n)) for n in ev.persona_caps))}
@@ -267,6 +274,5 @@ def run(spark: SparkSession, cfg: Config) -> dict:
             set_blend_alpha(cfg, client, champion.version, gen, a)
     for e in {id(e): e for e in encoders.values()}.values():
         e.release()
-    shutil.rmtree(layouts, ignore_errors=True)
     log.info("evaluation run %s: %s", run_id, summary)
     return summary

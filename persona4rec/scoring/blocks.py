@@ -8,23 +8,27 @@ columns = their personas, in `scoring.index_dtype`) beside its sorted item ids a
 (Arrow IPC). Workers map a block instead of parsing it: only the pages of the candidates a task
 scores are read, and the OS shares them between the Python workers of a machine.
 
-Each (user, block) pair then travels instead of the index: the user's vector with that user's
-candidates that hash into the block, and their CF fields (at most min(candidates, B) copies of a
-vector per user). Rows are hash-partitioned by (block, a shard of the user hash) — no range
-sampling pass — and sorted by block inside each task, so a task maps each block once; a
-candidate's tensor row is looked up in the block's item ids in the task (a hash lookup in
-Arrow), so no items × blocks map is joined in Spark. The per-candidate scores come out with the
-CF fields attached, ready to be grouped by user for the same blend and ranking as the broadcast
-path (score.py).
+Each (user, block) pair then travels instead of the index: one row with the user's vector
+(packed as bytes once per user, so each routed copy is a memcpy, not an element-wise array
+conversion) followed by one flat row per candidate of that user in the block, with its CF fields
+(at most min(candidates, B) copies of a vector per user). Rows are hash-partitioned by (block, a
+shard of the user hash) — no range sampling pass — and sorted by (block, user) inside each task,
+so a task maps each block once and cuts the stream into whole (block, user) runs (runs.py: no
+`collect_list`); a candidate's tensor row is looked up in the block's item ids in the task (a hash
+lookup in Arrow), so no items × blocks map is joined in Spark. The per-candidate scores come out
+with the CF fields attached, ready to be ranked per user like the broadcast path (score.py).
+
+The layout (blocks + the personas' e-mail texts, `prepare`) depends only on the persona index:
+`score_users` keeps it per persona_index version, so the nightly run pays only for the users.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -90,22 +94,23 @@ def write_blocks(index: DataFrame, blocks: int, path: str, dtype: str) -> list[i
         folder = os.path.join(path, f"block-{block}")
         os.makedirs(folder, exist_ok=True)
         shape = (len(starts), int(col.max()) + 1, d)
-        tmp = os.path.join(folder, f"vectors.{os.getpid()}.npy")  # a retried task never sees half a file
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        out[row, col] = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), d)
-        out.flush()
-        del out
+        dense = np.zeros(shape, dtype=dtype)  # the block fits the budget: built in memory, written sequentially
+        dense[row, col] = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), d)
         ids = np.full(shape[0] * shape[1], None, dtype=object)
         ids[row * shape[1] + col] = table.column("persona_id").to_numpy(zero_copy_only=False)
         meta = pa.table({"persona_id": pa.array(ids, pa.string())})
         items = pa.table({ITEM_ID: item.take(pa.array(starts)).cast(pa.string())})
+        attempt = uuid.uuid4().hex[:12]  # a retried or speculative task never writes into another's file
+        with open(os.path.join(folder, f"vectors.{attempt}.npy"), "wb") as fh:
+            np.save(fh, dense)
+        del dense
         for name, t in (("ids", meta), ("items", items)):
-            with pa.OSFile(os.path.join(folder, f"{name}.{os.getpid()}.arrow"), "wb") as sink, \
+            with pa.OSFile(os.path.join(folder, f"{name}.{attempt}.arrow"), "wb") as sink, \
                     pa.ipc.new_file(sink, t.schema) as w:
                 w.write_table(t)
         for name in ("ids.arrow", "items.arrow", "vectors.npy"):  # vectors last: its presence means complete
             stem, ext = name.split(".")
-            os.replace(os.path.join(folder, f"{stem}.{os.getpid()}.{ext}"), os.path.join(folder, name))
+            os.replace(os.path.join(folder, f"{stem}.{attempt}.{ext}"), os.path.join(folder, name))
         return pa.table({"block": pa.array([block], pa.int32())})
 
     cells = index.select(ITEM_ID, "persona_id", "persona_index", "embedding",
@@ -114,6 +119,16 @@ def write_blocks(index: DataFrame, blocks: int, path: str, dtype: str) -> list[i
 
 
 MANIFEST = "_prepared.json"
+# Part of every layout's folder name: a change to the block format or to the e-mail text rules
+# (explain.py) makes a new layout instead of reusing texts cleaned by older rules.
+LAYOUT_FORMAT = 2
+
+
+def layout_code() -> str:
+    import inspect
+
+    from persona4rec.scoring import explain
+    return hashlib.sha256(f"{LAYOUT_FORMAT}:{inspect.getsource(explain)}".encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -127,32 +142,28 @@ class Prepared:
 
 
 def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str, texts: bool = True) -> Prepared:
-    """The blocks and e-mail texts of `index` at `path`, written once and reused by every later run
-    (both depend only on the persona index, not on the users: the nightly job pays for them once
-    per index version — give `path` a name that changes with it). A crash never leaves a folder
-    that looks complete: everything is written to a sibling first and renamed into place, and a
-    run that loses the race to another writer uses the winner's. texts False: no e-mail texts
-    (evaluation ranks only)."""
+    """The blocks and e-mail texts of `index` under `path`, written once and reused by every later
+    run (both depend only on the persona index, not on the users: the nightly job pays for them
+    once per index version — give `path` a name that changes with it). Each writer fills its own
+    subfolder and then replaces the small manifest file that names it (the last step, a file
+    rename, which object-store mounts support): a crash leaves no manifest pointing at a partial
+    layout, and of two concurrent writers each ends with a complete one. No directory is renamed
+    and no file is written out of order. texts False: no e-mail texts (evaluation ranks only)."""
     done = _read_manifest(path)
     if done is not None:
-        log.info("persona blocks reused from %s (%d blocks)", path, done.blocks)
+        log.info("persona blocks reused from %s (%d blocks)", done.path, done.blocks)
         return done
-    tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        present = write_blocks(index, blocks, tmp, dtype)
-        if texts:
-            explanations(index, max_chars).write.mode("overwrite").parquet(
-                spark_path(os.path.join(tmp, "explanations")))
-        with open(os.path.join(tmp, MANIFEST), "w") as fh:
-            json.dump({"blocks": blocks, "present": present, "dtype": dtype, "max_chars": max_chars}, fh)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another run prepared it meanwhile
-            if _read_manifest(path) is None:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("persona blocks written to %s (%d blocks, %s)", path, blocks, dtype)
+    writer = f"w-{uuid.uuid4().hex[:12]}"
+    target = os.path.join(path, writer)
+    present = write_blocks(index, blocks, target, dtype)
+    if texts:
+        explanations(index, max_chars).write.mode("overwrite").parquet(spark_path(os.path.join(target, "explanations")))
+    tmp = os.path.join(path, f"{MANIFEST}.{writer}")
+    with open(tmp, "w") as fh:
+        json.dump({"writer": writer, "blocks": blocks, "present": present, "dtype": dtype, "max_chars": max_chars},
+                  fh)
+    os.replace(tmp, os.path.join(path, MANIFEST))
+    log.info("persona blocks written to %s (%d blocks, %s)", target, blocks, dtype)
     return _read_manifest(path)
 
 
@@ -162,7 +173,8 @@ def _read_manifest(path: str) -> Prepared | None:
             m = json.load(fh)
     except FileNotFoundError:
         return None
-    return Prepared(path, int(m["blocks"]), frozenset(int(b) for b in m["present"]), m["dtype"])
+    return Prepared(os.path.join(path, m["writer"]), int(m["blocks"]), frozenset(int(b) for b in m["present"]),
+                    m["dtype"])
 
 
 _LOADED: dict = {}
@@ -193,7 +205,7 @@ ROUTED_NAMES = ["block", USER_ID, "kind", "vector", ITEM_ID, "cf_score", "cf_ran
 def pack_vectors(vectors: DataFrame, dtype: str) -> DataFrame:
     """user_id, vector as bytes (`dtype`, native order) of every user with a vector: converted from
     an array once per user, so the copies routed to blocks travel (shuffle, JVM → Arrow) as one
-    memcpy each instead of an element-by-element array conversion; float16 halves them."""
+    memcpy each instead of an element-by-element array conversion."""
 
     def pack(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
@@ -232,8 +244,7 @@ def unpacked_matrix(vecs: pa.Array, dtype: str, d: int, users: pa.Array) -> np.n
     return raw.view(dtype).reshape(len(vecs), d).astype(np.float32)
 
 
-def routed_rows(candidates: DataFrame, vectors: DataFrame, blocks: int, partitions: int,
-                dtype: str = "float32") -> DataFrame:
+def routed_rows(candidates: DataFrame, vectors: DataFrame, blocks: int, partitions: int) -> DataFrame:
     """ROUTED_NAMES rows, flat: per (user, block holding some of its candidates) one `kind` 0 row
     with the user's vector packed as bytes (`pack_vectors`; none for a user without one) followed
     by `kind` 1 rows, one per candidate in that block with its CF fields; hash-partitioned by
@@ -243,7 +254,8 @@ def routed_rows(candidates: DataFrame, vectors: DataFrame, blocks: int, partitio
     cands = candidates.select(USER_ID, ITEM_ID, "cf_score", "cf_rank", "source",
                               block_of(F.col(ITEM_ID), blocks).alias("block"))
     pairs = cands.select(USER_ID, "block").distinct()
-    vec_rows = pairs.join(pack_vectors(vectors, dtype), USER_ID).select(
+    # float32 whatever the index dtype: the user side stays exact, as on the broadcast path
+    vec_rows = pairs.join(pack_vectors(vectors, "float32"), USER_ID).select(
         "block", USER_ID, F.lit(0).alias("kind"), "vector", F.lit(None).cast("string").alias(ITEM_ID),
         F.lit(None).cast("double").alias("cf_score"), F.lit(None).cast("int").alias("cf_rank"),
         F.lit(None).cast("string").alias("source"))
@@ -260,16 +272,16 @@ def blocked_persona_scores(candidates: DataFrame, vectors: DataFrame, prepared: 
     """SCORES_SCHEMA rows for every candidate (user_id, item_id, cf_score, cf_rank, source): `has`
     whether the user has a vector, and where the index holds the item and the user a vector, max
     over the item's personas of cos(user, persona) and the winning persona (else nulls)."""
-    path, present, dtype = prepared.path, prepared.present, prepared.dtype
+    path, present = prepared.path, prepared.present
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for table in sorted_runs(batches, ["block", USER_ID]):
-            yield _score_runs(table, path, present, dtype)
+            yield _score_runs(table, path, present)
 
-    return routed_rows(candidates, vectors, prepared.blocks, partitions, dtype).mapInArrow(score, SCORES_SCHEMA)
+    return routed_rows(candidates, vectors, prepared.blocks, partitions).mapInArrow(score, SCORES_SCHEMA)
 
 
-def _score_runs(t: pa.Table, path: str, present: frozenset, dtype: str) -> pa.RecordBatch:
+def _score_runs(t: pa.Table, path: str, present: frozenset) -> pa.RecordBatch:
     """Max-sim of the candidates of whole (block, user) runs: no Python object per candidate."""
     t = t.combine_chunks()
     run = np.cumsum(run_starts(t, ["block", USER_ID])) - 1
@@ -291,7 +303,7 @@ def _score_runs(t: pa.Table, path: str, present: frozenset, dtype: str) -> pa.Re
             continue
         pm, block_items, ids = load_block(path, int(block[lo]))
         if users is None:
-            users = unpacked_matrix(vecs, dtype, pm.vectors.shape[2],
+            users = unpacked_matrix(vecs, "float32", pm.vectors.shape[2],
                                     t.column(USER_ID).chunk(0).filter(pa.array(is_vec)))
         rows = pc.index_in(items.slice(int(lo), int(hi - lo)), value_set=block_items).fill_null(-1) \
             .to_numpy(zero_copy_only=False)

@@ -56,19 +56,33 @@ def untuned_encoder(cfg: Config) -> EncoderRef:
 
 def worker_model(path: str, max_seq_length: int | None = None, device: str = "auto"):
     """The model at `path`, loaded once per Python worker (texts longer than max_seq_length
-    tokens are cut, as in training), on `device`: `auto` = the GPU this task's process sees
-    (a GPU cluster's executors), else the CPU."""
+    tokens are cut, as in training), on `device` (`task_device`: auto = the task's GPU when it
+    has one, else the CPU)."""
     key = f"{path}@{max_seq_length}@{device}"
     model = _WORKER_MODELS.get(key)
     if model is None:
         from sentence_transformers import SentenceTransformer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = SentenceTransformer(path, device=pick_device(device))
+        model = SentenceTransformer(path, device=task_device(device))
         if max_seq_length:
             model.max_seq_length = max_seq_length
         _WORKER_MODELS[key] = model
     return model
+
+
+def task_device(requested: str) -> str:
+    """`auto`: the GPU Spark assigned to this task (spark.task.resource.gpu.amount), else the GPU
+    torch sees, else the CPU; anything else as given."""
+    if requested != "auto":
+        return requested
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    if gpus is not None and gpus.addresses:
+        return f"cuda:{gpus.addresses[0]}"
+    return pick_device("auto")
 
 
 def embed_column(df: DataFrame, text_col: str, ref: EncoderRef, batch_size: int = 64) -> DataFrame:

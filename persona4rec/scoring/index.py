@@ -8,6 +8,8 @@ are already cached is kept; a new interaction adds one row. A new model version 
 Only the interactions a user vector reads are embedded (`vector_inputs`): each user's last k
 overall (production) and last k within `scoring.history_splits` (evaluation) — at most 2k per
 user, however long the history; an interaction that falls out of both windows leaves the cache.
+The window is recorded on the table (WINDOW_PROPERTY) and `score_users` refuses a larger k or
+other history splits than the cache was built for.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pyspark.sql import functions as F
 
 from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.config import Config
+from persona4rec.errors import InputError
 from persona4rec.schemas import INTERACTION_EMBEDDINGS, ITEM_ID, ITEM_PERSONAS, PERSONA_INDEX, SPLIT, TS, USER_ID
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder
 from persona4rec.tables import TableStore
@@ -42,6 +45,27 @@ def index_personas(store: TableStore, ref: EncoderRef) -> tuple[DataFrame, int]:
     n = todo.count()
     fresh = embed_column(todo, "persona_text", ref).select(PERSONA_INDEX.columns)
     return (fresh if keep is None else fresh.unionByName(keep.select(PERSONA_INDEX.columns))), n
+
+
+WINDOW_PROPERTY = "persona4rec.embedded_window"
+
+
+def window_value(k: int, splits: tuple[str, ...]) -> str:
+    return f"k={k};history_splits={','.join(sorted(splits))}"
+
+
+def check_window(store: TableStore, k: int, splits: tuple[str, ...] | None) -> None:
+    """Fail when interaction_embeddings was built for a smaller k (or, in evaluation, other
+    history splits) than a user vector now needs: its rows would silently be too few."""
+    held = store.properties(INTERACTION_EMBEDDINGS.name).get(WINDOW_PROPERTY)
+    if held is None:  # built before windows were kept: every interaction is there
+        return
+    fields = dict(part.split("=", 1) for part in held.split(";"))
+    if int(fields["k"]) < k or (splits is not None and fields["history_splits"] != ",".join(sorted(splits))):
+        raise InputError(f"interaction_embeddings holds each user's last {fields['k']} interactions (history splits "
+                         f"{fields['history_splits']}), this run needs the last {k}"
+                         f"{'' if splits is None else ' of ' + ','.join(sorted(splits))}: rerun build_index with "
+                         f"the same profile.k and scoring.history_splits")
 
 
 def vector_inputs(texts: DataFrame, k: int, splits: tuple[str, ...]) -> DataFrame:
@@ -74,6 +98,8 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     interactions, n_inter = embed_interactions(store, cfg, ref)
     w2 = store.upsert(interactions.repartition(spark.sparkContext.defaultParallelism), INTERACTION_EMBEDDINGS,
                       delete_missing=True)
+    store.set_properties(INTERACTION_EMBEDDINGS.name,
+                         {WINDOW_PROPERTY: window_value(cfg.profile.k, cfg.scoring.history_splits)})
     log.info("index with %s: %d persona(s) and %d interaction(s) embedded", ref.version, n_personas, n_inter)
     return {"model_version": ref.version, "personas_embedded": n_personas, "interactions_embedded": n_inter,
             "persona_index": {"version": w1.version, **w1.metrics},

@@ -27,6 +27,7 @@ import datetime as dt
 import logging
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -41,8 +42,10 @@ from persona4rec.config import PRODUCTION, Config, spark_path
 from persona4rec.errors import InputError
 from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, REVIEWS,
                                  USER_ID, USER_VECTORS)
-from persona4rec.scoring.blocks import Prepared, block_count, blocked_persona_scores, index_megabytes, prepare
+from persona4rec.scoring.blocks import (Prepared, block_count, blocked_persona_scores, index_megabytes, layout_code,
+                                       prepare)
 from persona4rec.scoring.explain import explanation, sanitize
+from persona4rec.scoring.index import check_window
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
 from persona4rec.scoring.runs import run_starts, sorted_runs
 from persona4rec.scoring.users import refresh as refresh_user_vectors
@@ -222,6 +225,12 @@ def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex
         F.collect_list(F.struct(ITEM_ID, "row", "cf_score", "cf_rank", *extra)).alias("cands"))
 
 
+def layout_path(blocks_dir: str, cfg: Config, blocks: int) -> str:
+    """The folder of one blocked layout of an index version: its dtype, block count, text length and code."""
+    sc = cfg.scoring
+    return f"{blocks_dir.rstrip('/')}/{sc.index_dtype}-b{blocks}-c{sc.explanation_max_chars}-{layout_code()}"
+
+
 def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFrame, index: DataFrame, cfg: Config,
               model_version: str, run_date: dt.date, generator: str, alpha: float | None = None,
               blocks_dir: str | None = None) -> DataFrame:
@@ -232,8 +241,8 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
     The persona index is broadcast while its padded tensor fits `scoring.index_budget_mb` (in
     `scoring.index_dtype`), else scored in item blocks (blocks.py); both give the same rows. The
     blocked layout (blocks + e-mail texts) is kept under `blocks_dir` — a folder that names this
-    version of the index: a later run with the same index, dtype, budget and text length reuses
-    it — default a new folder under the work folder, which the caller removes."""
+    version of the index: a later run with the same index, dtype, budget, text length and code
+    (`blocks.layout_code`) reuses it; required when the index is over the budget."""
     sc = cfg.scoring
     alpha = float(sc.alpha if alpha is None else alpha)
     megabytes, items, width, d = index_megabytes(index, np.dtype(sc.index_dtype).itemsize)
@@ -241,9 +250,10 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
         blocks = block_count(megabytes, sc.index_budget_mb)
         log.info("persona index %d items × %d personas × %d dims = %.0f MB (%s) > scoring.index_budget_mb %g: "
                  "scored in %d item blocks", items, width, d, megabytes, sc.index_dtype, sc.index_budget_mb, blocks)
-        root = blocks_dir or cfg.work_dir(f"persona_blocks/{cfg.mode}-{generator}-{uuid.uuid4().hex[:12]}")
-        prepared = prepare(index, blocks, sc.index_dtype, sc.explanation_max_chars,
-                           f"{root.rstrip('/')}/{sc.index_dtype}-b{blocks}-c{sc.explanation_max_chars}")
+        if blocks_dir is None:
+            raise ValueError(f"the persona index ({megabytes:.0f} MB) is over scoring.index_budget_mb "
+                             f"{sc.index_budget_mb:g}: pass blocks_dir, a folder named after this index version")
+        prepared = prepare(index, blocks, sc.index_dtype, sc.explanation_max_chars, layout_path(blocks_dir, cfg, blocks))
         rows = blocked_recommendations(spark, candidates, user_vectors, prepared, cfg, alpha)
         return rows.select(F.lit(run_date).alias("run_date"), F.lit(cfg.mode).alias("mode"),
                            F.lit(generator).alias("generator"), F.lit(model_version).alias("model_version"), "*")
@@ -346,13 +356,25 @@ def require_coverage(users: DataFrame, have: DataFrame, what: str, fix: str) -> 
         raise InputError(f"{n} user(s) to score have no {what} (e.g. {some}): {fix}")
 
 
-def remove_old_layouts(keep: str) -> None:
-    """After a successful write: the blocked layouts of older persona_index versions (and leftovers
-    of crashed preparations) go; the current one stays for the next night."""
-    parent, name = os.path.split(keep.rstrip("/"))
+LEASE_HOURS = 24  # a run holding a layout longer than this is taken for crashed
+
+
+def remove_old_layouts(current: str) -> None:
+    """After a successful write: the layouts of older persona_index versions go, unless a run still
+    holds one (a `_lease-*` file younger than LEASE_HOURS: a run scoring the previous version
+    while build_index moved on); the current one stays for the next night."""
+    parent, name = os.path.split(current.rstrip("/"))
+    version = lambda n: int(n.rsplit("-v", 1)[1]) if n.startswith("persona_index-v") and \
+        n.rsplit("-v", 1)[1].isdigit() else None
+    now = time.time()
     for other in os.listdir(parent) if os.path.isdir(parent) else []:
-        if other != name:
-            shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
+        folder = os.path.join(parent, other)
+        if version(other) is None or version(other) >= version(name):
+            continue
+        leases = [f for f in os.listdir(folder) if f.startswith("_lease-")] if os.path.isdir(folder) else []
+        if any(now - os.path.getmtime(os.path.join(folder, f)) < LEASE_HOURS * 3600 for f in leases):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
@@ -380,15 +402,22 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         held = [r[0] for r in store.read(INTERACTION_EMBEDDINGS.name).select("model_version").distinct().collect()]
         raise InputError(f"interaction_embeddings has no rows of model version {version} (the persona_index's; "
                          f"it holds {held}): build_index did not finish for this model — rerun build_index")
+    check_window(store, cfg.profile.k, None if mode == PRODUCTION else sc.history_splits)
     refreshed = refresh_user_vectors(store, version, None if mode == PRODUCTION else sc.history_splits,
                                      cfg.profile.k, cfg.profile.gamma)
     vectors = store.read(USER_VECTORS.name).filter(F.col("model_version") == version)
     require_coverage(users, vectors, f"user vector for model version {version} (no interaction_embeddings rows of "
                      f"that version for them)", "rerun build_index, then score_users")
     blocks_dir = cfg.work_dir(f"persona_blocks/persona_index-v{index_version}")
-    recs = recommend(spark, candidates, vectors, index, cfg, version, run_date, sc.generator, alpha, blocks_dir)
-    w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND mode = '{mode}' "
-                                                   f"AND generator = '{sc.generator}'")
+    os.makedirs(blocks_dir, exist_ok=True)
+    lease = os.path.join(blocks_dir, f"_lease-{uuid.uuid4().hex[:12]}")  # this run reads the layout
+    open(lease, "w").close()
+    try:
+        recs = recommend(spark, candidates, vectors, index, cfg, version, run_date, sc.generator, alpha, blocks_dir)
+        w = store.replace_where(recs, RECOMMENDATIONS, f"run_date = '{run_date.isoformat()}' AND mode = '{mode}' "
+                                                       f"AND generator = '{sc.generator}'")
+    finally:
+        os.remove(lease)
     remove_old_layouts(blocks_dir)
     candidates.unpersist()
     users.unpersist()
