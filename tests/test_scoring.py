@@ -235,7 +235,7 @@ def test_a_float16_index_scores_within_1e_3_of_float32(spark, tmp_path):
 
 @pytest.mark.spark
 def test_only_the_interactions_a_user_vector_reads_are_embedded(spark):
-    from persona4rec.scoring.index import vector_inputs
+    from persona4rec.scoring.window import vector_inputs
     # U1: 25 interactions, the last 6 outside the training split; U2: 2 (fewer than k)
     rows = [("U1", f"I{t}", t, 0, "train" if t < 19 else ("validation" if t < 22 else "test"), f"text {t}")
             for t in range(25)] + [("U2", "A", 5, 0, "train", "a"), ("U2", "B", 5, 1, "test", "b")]
@@ -247,7 +247,7 @@ def test_only_the_interactions_a_user_vector_reads_are_embedded(spark):
 
 @pytest.mark.spark
 def test_a_run_needing_more_history_than_build_index_embedded_fails(spark, tmp_path):
-    from persona4rec.scoring.index import WINDOW_PROPERTY, check_window, window_value
+    from persona4rec.scoring.window import WINDOW_PROPERTY, check_window, window_value
     cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02")
     store, _, _ = synthetic(spark, cfg)
     check_window(store, 50, ("validation",))  # a table without the property holds every interaction

@@ -41,7 +41,7 @@ from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANK
                                  ITEM_SUMMARIES, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder, untuned_encoder
 from persona4rec.scoring.blocks import Prepared, block_count, index_megabytes, prepare
-from persona4rec.scoring.index import vector_inputs
+from persona4rec.scoring.window import vector_inputs
 from persona4rec.scoring.score import ScoringIndex, scoring_index
 from persona4rec.scoring.users import compute_user_vectors
 from persona4rec.tables import TableStore

@@ -45,7 +45,7 @@ from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PE
 from persona4rec.scoring.blocks import (Prepared, block_count, blocked_persona_scores, index_megabytes, layout_code,
                                        prepare)
 from persona4rec.scoring.explain import explanation, sanitize
-from persona4rec.scoring.index import check_window
+from persona4rec.scoring.window import check_window
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
 from persona4rec.scoring.runs import run_starts, sorted_runs
 from persona4rec.scoring.users import refresh as refresh_user_vectors
