@@ -36,3 +36,10 @@ def test_run_starts_marks_each_change_of_any_key():
     t = pa.table({"a": [1, 1, 1, 2, 2], "b": ["x", "x", "y", "y", "y"]})
     assert run_starts(t, ["a", "b"]).tolist() == [True, False, True, True, False]
     assert run_starts(t, ["a"]).tolist() == [True, False, False, True, False]
+
+
+def test_user_runs_gives_each_runs_start_and_length():
+    from persona4rec.scoring.runs import user_runs
+    t = pa.Table.from_batches(batches_of([1, 1, 1, 1, 2], ["a", "a", "b", "b", "b"], [3]))
+    one, starts, counts = user_runs(t, "b")
+    assert one.column("b").num_chunks == 1 and starts.tolist() == [0, 2] and counts.tolist() == [2, 3]

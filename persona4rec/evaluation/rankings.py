@@ -17,8 +17,8 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from persona4rec.schemas import ITEM_ID, SPLIT, USER_ID, VALIDATION
-from persona4rec.scoring.blocks import Prepared, blocked_persona_scores
-from persona4rec.scoring.runs import run_starts, sorted_runs
+from persona4rec.scoring.blocks import Prepared, blocked_persona_scores, task_count
+from persona4rec.scoring.runs import sorted_runs, user_runs
 from persona4rec.scoring.score import (ScoringIndex, candidate_arrays, rank_candidates, user_candidates,
                                        vector_matrix)
 
@@ -75,25 +75,20 @@ def reranked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, ve
                 pa.array(np.concatenate(rank_out).astype(np.int32), pa.int32()),
             ], schema=_OUT)
 
-    ranked = users.mapInArrow(rank, "user_id string, alpha double, target_rank int")
-    grid = spark.createDataFrame([(float(a),) for a in alphas], "alpha double")
-    return targets.select(USER_ID).crossJoin(grid).join(ranked, [USER_ID, "alpha"], "left")
+    return every_alpha(spark, targets, users.mapInArrow(rank, "user_id string, alpha double, target_rank int"), alphas)
 
 
 def _blocked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, vectors: DataFrame, prepared: Prepared,
                    alphas: tuple[float, ...]) -> DataFrame:
     """reranked_ranks over item blocks: per-candidate max-sim from blocks.py, the held-out flag
     joined back, then each user's candidates ranked for every alpha from sorted runs."""
-    configured = spark.conf.get("spark.sql.shuffle.partitions")
-    partitions = max(prepared.blocks, int(configured) if configured.isdigit() else spark.sparkContext.defaultParallelism)
+    partitions = task_count(spark, prepared.blocks)
     scores = blocked_persona_scores(cands.withColumn("source", F.lit("cf")), vectors, prepared, partitions) \
         .join(cands.select(USER_ID, ITEM_ID, "is_target"), [USER_ID, ITEM_ID])
 
     def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for t in sorted_runs(batches, [USER_ID]):
-            t = t.combine_chunks()
-            starts = np.flatnonzero(run_starts(t, [USER_ID]))
-            counts = np.diff(np.append(starts, t.num_rows))
+            t, starts, counts = user_runs(t, USER_ID)
             col = lambda name: t.column(name).chunk(0).to_numpy(zero_copy_only=False)
             has, is_target = col("has")[starts].astype(bool), col("is_target").astype(bool)
             cf, cf_rank = col("cf_score").astype(np.float64), col("cf_rank").astype(np.int64)
@@ -112,5 +107,11 @@ def _blocked_ranks(spark: SparkSession, targets: DataFrame, cands: DataFrame, ve
 
     ranked = scores.repartition(partitions, USER_ID).sortWithinPartitions(USER_ID) \
         .mapInArrow(rank, "user_id string, alpha double, target_rank int")
+    return every_alpha(spark, targets, ranked, alphas)
+
+
+def every_alpha(spark: SparkSession, targets: DataFrame, ranked: DataFrame, alphas: tuple[float, ...]) -> DataFrame:
+    """One row per (target user, alpha of the grid), the rank where there is one (else a miss).
+    The grid is the configured α values (a handful), not data."""
     grid = spark.createDataFrame([(float(a),) for a in alphas], "alpha double")
     return targets.select(USER_ID).crossJoin(grid).join(ranked, [USER_ID, "alpha"], "left")

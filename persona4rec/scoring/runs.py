@@ -47,3 +47,11 @@ def sorted_runs(batches: Iterator[pa.RecordBatch], keys: Sequence[str]) -> Itera
         pending.append(b.slice(last))
     if pending:
         yield pa.Table.from_batches(pending)
+
+
+def user_runs(t: pa.Table, key: str) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """(t as one chunk per column, start row of each run of `key`, rows per run): the flat-array +
+    counts layout `rank_candidates` takes."""
+    t = t.combine_chunks()
+    starts = np.flatnonzero(run_starts(t, [key]))
+    return t, starts, np.diff(np.append(starts, t.num_rows))

@@ -43,11 +43,11 @@ from persona4rec.errors import InputError
 from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PERSONA_INDEX, RECOMMENDATIONS, REVIEWS,
                                  USER_ID, USER_VECTORS)
 from persona4rec.scoring.blocks import (Prepared, block_count, blocked_persona_scores, index_megabytes, layout_code,
-                                       prepare)
+                                       prepare, task_count)
 from persona4rec.scoring.explain import explanation, sanitize
 from persona4rec.scoring.window import check_window
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
-from persona4rec.scoring.runs import run_starts, sorted_runs
+from persona4rec.scoring.runs import sorted_runs, user_runs
 from persona4rec.scoring.users import refresh as refresh_user_vectors
 from persona4rec.tables import TableStore
 
@@ -283,17 +283,13 @@ def blocked_recommendations(spark: SparkSession, candidates: DataFrame, user_vec
     max-sim from blocks.py (every candidate comes back from there with its CF fields: no join back),
     then per user the same blend and ranking, then the explanations joined."""
     sc = cfg.scoring
-    configured = spark.conf.get("spark.sql.shuffle.partitions")  # "auto" on some Databricks clusters
-    partitions = max(prepared.blocks,
-                     int(configured) if configured.isdigit() else spark.sparkContext.defaultParallelism)
+    partitions = task_count(spark, prepared.blocks)
     scores = blocked_persona_scores(candidates, user_vectors, prepared, partitions)
     top_k = sc.top_k
 
     def rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for t in sorted_runs(batches, [USER_ID]):
-            t = t.combine_chunks()
-            starts = np.flatnonzero(run_starts(t, [USER_ID]))
-            counts = np.diff(np.append(starts, t.num_rows))
+            t, starts, counts = user_runs(t, USER_ID)
             col = lambda name: t.column(name).chunk(0)
             users = pa.RecordBatch.from_arrays([col(USER_ID).take(pa.array(starts))], names=[USER_ID])
             has = col("has").to_numpy(zero_copy_only=False)[starts].astype(bool)

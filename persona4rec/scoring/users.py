@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 
 from persona4rec.schemas import ALL_HISTORY, INTERACTION_EMBEDDINGS, ITEM_ID, SPLIT, TS, USER_ID, USER_VECTORS
 from persona4rec.scoring.rank import decayed_user_vectors, segments
+from persona4rec.scoring.runs import sorted_runs
 from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,8 @@ def compute_user_vectors(history: DataFrame, k: int, gamma: float) -> DataFrame:
         .sortWithinPartitions(USER_ID, TS, "seq")
 
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        carry = None
-        for batch in batches:
-            if carry is not None:
-                batch = pa.Table.from_batches([carry, batch]).combine_chunks().to_batches()[0]
-            users = batch.column(USER_ID)
-            last = users[len(users) - 1]
-            # The partition's last user may continue in the next batch: hold it back.
-            cut = len(users) - int(np.sum(users.to_numpy(zero_copy_only=False) == last.as_py()))
-            carry = batch.slice(cut)
-            if cut:
-                yield _vectors_of_sorted(batch.slice(0, cut), k, gamma)
-        if carry is not None and len(carry):
-            yield _vectors_of_sorted(carry, k, gamma)
+        for t in sorted_runs(batches, [USER_ID]):  # a user may continue in the next batch: runs come whole
+            yield _vectors_of_sorted(t.combine_chunks().to_batches()[0], k, gamma)
 
     return ordered.mapInArrow(per_partition, "user_id string, vector array<float>")
 
