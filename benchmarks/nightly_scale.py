@@ -58,6 +58,7 @@ def child(a: argparse.Namespace) -> dict:
     cfg = load_config(None, [f"storage.root={root}/wh", "candidates.top_n=20", "scoring.top_k=10",
                              f"candidates.generators=[{','.join(gens)}]", f"candidates.bpr_epochs={a.bpr_epochs}",
                              f"candidates.lightgcn_epochs={a.lightgcn_epochs}", "candidates.lightgcn_batch=65536",
+                             "candidates.lightgcn_max_steps_per_epoch=16",
                              "candidates.bpr_batch=8192", f"scoring.index_budget_mb={a.budget_mb}",
                              "scoring.generator=bpr" if "bpr" in gens else f"scoring.generator={gens[0]}",
                              "spark.conf.spark.sql.shuffle.partitions=16"])

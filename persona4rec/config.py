@@ -242,6 +242,7 @@ class CandidateSettings:
     lightgcn_lr: float = 0.005
     lightgcn_reg: float = 1e-4
     lightgcn_batch: int = 2048
+    lightgcn_max_steps_per_epoch: int = 500  # the batch grows past this: an epoch stays linear in the pairs
     device: str = "auto"  # torch device of the bpr/lightgcn training task: auto = its GPU when there is one
     # The item factor matrix (items × dim float32) is broadcast to every worker for the top-N.
     item_factors_budget_mb: float = 1024.0
@@ -386,7 +387,7 @@ class Config:
         _check(min(c.bpr_lr, c.lightgcn_lr) > 0 and min(c.bpr_reg, c.lightgcn_reg) >= 0, "candidates",
                "bpr_lr/lightgcn_lr/bpr_reg/lightgcn_reg", "learning rates must be > 0 and regularisation >= 0")
         _check(min(c.bpr_dim, c.bpr_epochs, c.bpr_batch, c.lightgcn_dim, c.lightgcn_layers, c.lightgcn_epochs,
-                   c.lightgcn_batch) >= 1, "candidates", "bpr_*/lightgcn_*",
+                   c.lightgcn_batch, c.lightgcn_max_steps_per_epoch) >= 1, "candidates", "bpr_*/lightgcn_*",
                "dims, epochs, layers and batch sizes must be >= 1")
         _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "candidates.device", c.device,
                "must be auto, cpu or cuda[:N]")

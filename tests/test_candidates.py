@@ -6,8 +6,8 @@ import pytest
 from conftest import make_config
 from persona4rec.errors import InputError
 from persona4rec.scoring import candidates
-from persona4rec.scoring.factorize import (BPRParams, LightGCNParams, NegativeSampler, normalised_adjacency,
-                                           train_bpr, train_lightgcn)
+from persona4rec.scoring.factorize import (BPRParams, LightGCNParams, NegativeSampler, lightgcn_batch,
+                                           normalised_adjacency, train_bpr, train_lightgcn)
 from persona4rec.scoring.topn import check_item_budget, item_matrix, top_n_rows, write_factors
 
 
@@ -88,13 +88,15 @@ def planted(seed=0, users=60, items=40):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("model", ["bpr", "lightgcn"])
+@pytest.mark.parametrize("model", ["bpr", "lightgcn", "lightgcn-capped"])
 def test_factor_models_learn_the_communities(model):
     u, i, nu, ni = planted()
     if model == "bpr":
         P, Q = train_bpr(u, i, nu, ni, BPRParams(dim=8, epochs=30, lr=0.05, reg=0.001, batch=32), "cpu")
-    else:
-        P, Q = train_lightgcn(u, i, nu, ni, LightGCNParams(dim=8, layers=2, epochs=30, lr=0.01, batch=64), "cpu")
+    else:  # capped: two steps per epoch, the batch grown to half the pairs
+        cap = {"lightgcn": 500, "lightgcn-capped": 2}[model]
+        p = LightGCNParams(dim=8, layers=2, epochs=30 if cap > 2 else 60, lr=0.01, batch=64, max_steps_per_epoch=cap)
+        P, Q = train_lightgcn(u, i, nu, ni, p, "cpu")
     assert P.shape == (nu, 8) and Q.shape == (ni, 8) and P.dtype == np.float32
     scores = P @ Q.T
     same = np.array([[(a < nu // 2) == (b < ni // 2) for b in range(ni)] for a in range(nu)])
@@ -104,6 +106,15 @@ def test_factor_models_learn_the_communities(model):
     own = np.where(same & ~seen, scores, np.nan)
     other = np.where(~same, scores, np.nan)
     assert (np.nanmean(own, axis=1) > np.nanmean(other, axis=1)).mean() >= 0.95
+
+
+@pytest.mark.unit
+def test_lightgcn_steps_per_epoch_are_capped_by_growing_the_batch():
+    p = LightGCNParams(batch=2048, max_steps_per_epoch=500)
+    assert lightgcn_batch(10_000, p) == 2048 and lightgcn_batch(1_024_000, p) == 2048  # below the cap
+    assert lightgcn_batch(2_000_000, p) == 4000 and lightgcn_batch(2_000_001, p) == 4001
+    for n in (1_024_001, 2_000_001, 10**9 + 7):
+        assert -(-n // lightgcn_batch(n, p)) <= 500  # steps in an epoch
 
 
 @pytest.mark.spark

@@ -331,7 +331,8 @@ def test_drawn_history_gradient_equals_the_exact_one_in_expectation():
 
 
 @pytest.mark.unit
-def test_batched_validation_equals_the_per_example_computation():
+def test_batched_validation_equals_the_per_example_computation(monkeypatch):
+    from persona4rec.training import trainer
     from persona4rec.training.encoder import embed
     from persona4rec.training.trainer import evaluate
 
@@ -358,3 +359,7 @@ def test_batched_validation_equals_the_per_example_computation():
     assert got["val_pairs"] == len(judged) > 0
     assert got["top1_accuracy"] == hits / len(judged)
     assert got["val_loss"] == pytest.approx(np.mean(losses), abs=1e-4)
+    monkeypatch.setattr(trainer, "EVAL_CHUNK", 5)  # chunks of 8 (two loss batches): the same figures
+    chunked = evaluate(model, examples, 0.8, 0.05, 4)
+    assert chunked["val_pairs"] == got["val_pairs"] and chunked["top1_accuracy"] == got["top1_accuracy"]
+    assert chunked["val_loss"] == pytest.approx(got["val_loss"], abs=1e-5)

@@ -91,7 +91,7 @@ def torch_factors(data: Indexed, generator: str, c: CandidateSettings, path: str
         trainer = lambda u, i, nu, ni: train_bpr(u, i, nu, ni, params, c.device)
     else:
         params = LightGCNParams(c.lightgcn_dim, c.lightgcn_layers, c.lightgcn_epochs, c.lightgcn_lr, c.lightgcn_reg,
-                                c.lightgcn_batch, c.seed)
+                                c.lightgcn_batch, c.seed, c.lightgcn_max_steps_per_epoch)
         trainer = lambda u, i, nu, ni: train_lightgcn(u, i, nu, ni, params, c.device)
     train_on_one_worker(data.pairs, data.n_users, data.n_items, trainer, path)
 

@@ -1,7 +1,8 @@
 """Training examples, the validation split, and batches without false negatives.
 
 Plain Python (no Spark): the trainer built on it runs wherever torch runs, e.g. a single GPU node
-fed a list of examples. `persona4rec.training.source` builds the examples from the Delta tables.
+fed a list of examples or `persona4rec.training.source.ExampleSet`, which streams them from the
+Delta tables through a memory-mapped file. The helpers below accept either.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,27 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
     return train, val
 
 
-def unique_batches(examples: list[Example], batch_size: int, rng: random.Random,
+def take(examples: Sequence[Example], positions) -> list[Example]:
+    """The examples at `positions`: one read per batch from an ExampleSet, indexing from a list."""
+    if hasattr(examples, "take"):
+        return examples.take(positions)
+    return [examples[int(j)] for j in positions]
+
+
+def chunks(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
+    """Consecutive runs of at most `size` examples, materialised one at a time."""
+    for start in range(0, len(examples), size):
+        yield take(examples, range(start, min(start + size, len(examples))))
+
+
+def batch_keys(examples: Sequence[Example]) -> tuple[list, list]:
+    """The user and item key of every example: an ExampleSet gives them without reading texts."""
+    if hasattr(examples, "keys"):
+        return examples.keys()
+    return [e.user_id for e in examples], [e.item_id for e in examples]
+
+
+def unique_batches(examples: Sequence[Example], batch_size: int, rng: random.Random,
                    scan: int = 64) -> list[list[int]]:
     """Shuffled batches in which no user and no item appears twice; every example once per epoch.
 
@@ -45,8 +67,10 @@ def unique_batches(examples: list[Example], batch_size: int, rng: random.Random,
     per example is bounded by `scan` plus the full batches it steps over (batches fill roughly in
     order, so these are few) — rescanning everything pending for each batch was quadratic, and a
     user with thousands of pairs made plain first fit scan thousands of batches per pair.
+    Only the keys are held (never the texts), and a batch's key sets are dropped once it is full.
     """
-    order = list(range(len(examples)))
+    user_of, item_of = batch_keys(examples)
+    order = list(range(len(user_of)))
     rng.shuffle(order)
     batches: list[list[int]] = []
     users: list[set[str]] = []
@@ -55,16 +79,16 @@ def unique_batches(examples: list[Example], batch_size: int, rng: random.Random,
     after_item: dict[str, int] = {}
     first_open = 0
     for i in order:
-        e = examples[i]
+        user, item = user_of[i], item_of[i]
         b, tried = first_open, 0
         while b < len(batches) and tried < scan:
             if len(batches[b]) < batch_size:
-                if e.user_id not in users[b] and e.item_id not in items[b]:
+                if user not in users[b] and item not in items[b]:
                     break
                 tried += 1
             b += 1
         if tried == scan:
-            b = max(b, after_user.get(e.user_id, 0), after_item.get(e.item_id, 0))
+            b = max(b, after_user.get(user, 0), after_item.get(item, 0))
             while b < len(batches) and len(batches[b]) >= batch_size:
                 b += 1
         if b == len(batches):
@@ -72,10 +96,13 @@ def unique_batches(examples: list[Example], batch_size: int, rng: random.Random,
             users.append(set())
             items.append(set())
         batches[b].append(i)
-        users[b].add(e.user_id)
-        items[b].add(e.item_id)
-        after_user[e.user_id] = max(after_user.get(e.user_id, 0), b + 1)
-        after_item[e.item_id] = max(after_item.get(e.item_id, 0), b + 1)
+        if len(batches[b]) >= batch_size:  # full: never consulted again
+            users[b] = items[b] = None
+        else:
+            users[b].add(user)
+            items[b].add(item)
+        after_user[user] = max(after_user.get(user, 0), b + 1)
+        after_item[item] = max(after_item.get(item, 0), b + 1)
         while first_open < len(batches) and len(batches[first_open]) >= batch_size:
             first_open += 1
     return batches

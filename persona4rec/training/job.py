@@ -24,10 +24,9 @@ from pyspark.sql import SparkSession
 from persona4rec.config import Config, to_dict
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS
 from persona4rec.tables import TableStore
-from persona4rec.training.data import split_examples
 from persona4rec.training.encoder import add_lora, load_encoder, merge_lora
 from persona4rec.training.registry import CHALLENGER, register, setup_mlflow
-from persona4rec.training.source import load_examples
+from persona4rec.training.source import open_examples
 from persona4rec.training.trainer import evaluate, train
 
 log = logging.getLogger(__name__)
@@ -74,9 +73,12 @@ def run(spark: SparkSession, cfg: Config) -> TrainReport:
 def fit(spark: SparkSession, cfg: Config):
     """Train, log and register; returns (report, the in-memory merged model)."""
     store = TableStore(spark, cfg)
+    with open_examples(store, cfg) as (train_set, val_set):
+        return _fit(store, cfg, train_set, val_set)
+
+
+def _fit(store: TableStore, cfg: Config, train_set, val_set):
     s = cfg.train
-    examples = load_examples(store, cfg)
-    train_set, val_set = split_examples(examples, s.validation_fraction, s.seed)
     if len(train_set) < 2:
         raise ValueError(f"only {len(train_set)} training pair(s) in '{ALIGNMENT_PAIRS.name}': run `align` "
                          "first, or lower train.validation_fraction")
@@ -112,7 +114,7 @@ def fit(spark: SparkSession, cfg: Config):
                 json.dump(inputs, fh, indent=2)
             mlflow.log_artifacts(tmp)
         merge_lora(model)
-        version = register(cfg, client, model, [examples[0].persona_text],
+        version = register(cfg, client, model, [train_set[0].persona_text],
                            {"profile_k": cfg.profile.k, "profile_gamma": cfg.profile.gamma,
                             "validation_top1_accuracy": final["top1_accuracy"]})
         client.set_model_version_tag(cfg.mlflow.registered_model, version, "validation_top1_accuracy",

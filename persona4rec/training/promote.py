@@ -18,9 +18,8 @@ from pyspark.sql import SparkSession
 
 from persona4rec.config import Config
 from persona4rec.tables import TableStore
-from persona4rec.training.data import split_examples
 from persona4rec.training.registry import CHALLENGER, CHAMPION, alias_version, load_alias, setup_mlflow
-from persona4rec.training.source import load_examples
+from persona4rec.training.source import open_examples
 from persona4rec.training.trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -55,8 +54,11 @@ def run(spark: SparkSession, cfg: Config) -> Decision:
     name = cfg.mlflow.registered_model
     if alias_version(client, name, CHALLENGER) is None:
         raise LookupError(f"no @{CHALLENGER} version of '{name}' at {cfg.tracking_uri()}: run train_encoder first")
-    examples = load_examples(TableStore(spark, cfg), cfg)
-    _, val_set = split_examples(examples, cfg.train.validation_fraction, cfg.train.seed)
+    with open_examples(TableStore(spark, cfg), cfg) as (_, val_set):
+        return _decide(cfg, client, name, val_set)
+
+
+def _decide(cfg: Config, client, name: str, val_set) -> Decision:
     score = {}
     versions = {}
     for alias in (CHALLENGER, CHAMPION):

@@ -1,27 +1,135 @@
-"""Training examples from the Delta tables: alignment pairs joined with profiles and personas."""
+"""Training examples from the Delta tables, streamed to the trainer instead of collected.
+
+The trainer is single-node (one GPU or CPU), but its input grows with the alignment pairs, and
+each pair carries up to k history texts and its item's personas. Collecting them as Python rows
+held all of that in the driver's heap at once. Here Spark joins the pairs, flags the validation
+users and writes the examples as Parquet under the work folder; the driver copies them, one
+record batch at a time, into an Arrow IPC file on its local disk and memory-maps it. What stays
+in memory is two int64 keys per example (for the batcher); texts are read per batch.
+"""
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from persona4rec.alignment.profiles import profiles, stored_interaction_texts
-from persona4rec.config import Config
+from persona4rec.config import Config, spark_path
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, USER_ID
 from persona4rec.tables import TableStore
 from persona4rec.training.data import Example
 
+READ_ROWS = 4096  # rows per record batch when copying Parquet to the local Arrow file
+_TEXTS = pa.list_(pa.string())
+_PERSONAS = pa.list_(pa.struct([("persona_id", pa.string()), ("persona_text", pa.string())]))
+EMPTY = pa.schema([(USER_ID, pa.string()), (ITEM_ID, pa.string()), ("history", _TEXTS), ("persona_id", pa.string()),
+                   ("persona_text", pa.string()), ("item_personas", _PERSONAS), ("validation", pa.bool_()),
+                   ("user_key", pa.int64()), ("item_key", pa.int64())]).empty_table()
 
-def load_examples(store: TableStore, cfg: Config) -> list[Example]:
-    """alignment_pairs ⋈ profiles ⋈ personas, collected to the driver (training is single-node)."""
+
+def validation_flag(user_id: Column, fraction: float, seed: int) -> Column:
+    """`data.is_validation_user` as a Spark expression (the same sha256 prefix, the same double
+    division), so that the split is decided where the rows are."""
+    prefix = F.substring(F.sha2(F.concat(F.lit(f"{seed}:"), user_id.cast("string")), 256), 1, 8)
+    return F.conv(prefix, 16, 10).cast("double") / float(0xFFFFFFFF) < F.lit(fraction)
+
+
+def example_frame(store: TableStore, cfg: Config) -> DataFrame:
+    """alignment_pairs ⋈ profiles ⋈ personas: one row per pair whose user has an earlier history,
+    ordered by (user, item), with `validation` and 64-bit hashes of the user and the item (the
+    batcher's keys: two ids that collide only make a batch stricter, never admit a duplicate)."""
     prof = profiles(stored_interaction_texts(store, cfg), cfg.profile.k)
     personas = store.read(ITEM_PERSONAS.name)
     per_item = personas.groupBy(ITEM_ID).agg(
         F.sort_array(F.collect_list(F.struct("persona_index", "persona_id", "persona_text"))).alias("all_personas"))
-    rows = (store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, "persona_id")
+    s = cfg.train
+    return (store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, "persona_id")
             .join(prof.select(USER_ID, ITEM_ID, "history"), [USER_ID, ITEM_ID])
             .join(personas.select("persona_id", "persona_text"), "persona_id")
             .join(per_item, ITEM_ID)
-            .orderBy(USER_ID, ITEM_ID).collect())
-    return [Example(r[USER_ID], r[ITEM_ID], tuple(h["text"] for h in r["history"]), r["persona_id"],
-                    r["persona_text"], tuple((p["persona_id"], p["persona_text"]) for p in r["all_personas"]))
-            for r in rows if r["history"]]
+            .filter(F.size("history") > 0)
+            .select(USER_ID, ITEM_ID,
+                    F.transform("history", lambda h: h["text"]).alias("history"),
+                    "persona_id", "persona_text",
+                    F.transform("all_personas", lambda p: F.struct(p["persona_id"].alias("persona_id"),
+                                                                   p["persona_text"].alias("persona_text")))
+                    .alias("item_personas"),
+                    validation_flag(F.col(USER_ID), s.validation_fraction, s.seed).alias("validation"),
+                    F.xxhash64(USER_ID).alias("user_key"), F.xxhash64(ITEM_ID).alias("item_key"))
+            .orderBy(USER_ID, ITEM_ID))
+
+
+class ExampleSet:
+    """A sequence of `Example`s over rows of a memory-mapped Arrow table: `len`, `[i]`, `take`,
+    chunked iteration, and the batcher's keys without touching the texts."""
+
+    def __init__(self, table: pa.Table, rows: np.ndarray):
+        self._table = table
+        self._rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.take([i])[0]
+
+    def __iter__(self) -> Iterator[Example]:
+        for start in range(0, len(self), READ_ROWS):
+            yield from self.take(np.arange(start, min(start + READ_ROWS, len(self))))
+
+    def take(self, positions) -> list[Example]:
+        sub = self._table.take(pa.array(self._rows[np.asarray(positions, dtype=np.int64)]))
+        cols = {name: sub.column(name).to_pylist() for name in
+                (USER_ID, ITEM_ID, "history", "persona_id", "persona_text", "item_personas")}
+        return [Example(u, i, tuple(h), pid, text, tuple((p["persona_id"], p["persona_text"]) for p in ps))
+                for u, i, h, pid, text, ps in zip(cols[USER_ID], cols[ITEM_ID], cols["history"], cols["persona_id"],
+                                                  cols["persona_text"], cols["item_personas"])]
+
+    def keys(self) -> tuple[list[int], list[int]]:
+        """(user keys, item keys) in order: what `unique_batches` compares."""
+        pick = lambda name: self._table.column(name).to_numpy()[self._rows].tolist()
+        return pick("user_key"), pick("item_key")
+
+
+def copy_to_arrow(parquet_dir: str, path: str) -> int:
+    """Spark's part files, in part order (the frame's global order), into one Arrow IPC file,
+    one record batch at a time; returns the row count."""
+    parts = sorted(glob.glob(os.path.join(parquet_dir, "part-*.parquet")))
+    schema = pq.read_schema(parts[0]) if parts else EMPTY.schema  # no pairs: Spark may write no part
+    rows = 0
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=READ_ROWS):
+                writer.write_batch(batch)
+                rows += batch.num_rows
+    return rows
+
+
+@contextmanager
+def open_examples(store: TableStore, cfg: Config) -> Iterator[tuple[ExampleSet, ExampleSet]]:
+    """(train, validation) example sets, streamed from Spark through local files that are removed
+    on exit. The split is by user (`train.validation_fraction`, `train.seed`)."""
+    shared = cfg.work_dir(f"training_examples/{uuid.uuid4().hex[:12]}")
+    local = tempfile.mkdtemp(prefix="p4r-examples-")
+    try:
+        example_frame(store, cfg).write.mode("overwrite").parquet(spark_path(shared))
+        path = os.path.join(local, "examples.arrow")
+        copy_to_arrow(shared, path)
+        shutil.rmtree(shared, ignore_errors=True)
+        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        val = table.column("validation").to_numpy(zero_copy_only=False)
+        yield ExampleSet(table, np.flatnonzero(~val)), ExampleSet(table, np.flatnonzero(val))
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        shutil.rmtree(local, ignore_errors=True)

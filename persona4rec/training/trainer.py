@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from persona4rec.config import TrainSettings
 from persona4rec.scoring.rank import decayed_user_vectors
-from persona4rec.training.data import Example, unique_batches
+from persona4rec.training.data import Example, chunks, take, unique_batches
 from persona4rec.training.encoder import decay_weights, embed
 
 
@@ -141,7 +141,7 @@ def combine_history(cached: list[torch.Tensor | None], fresh: torch.Tensor, draw
     return (w[:, None] * torch.stack(rows)).sum(0) / total
 
 
-def history_cache(model: SentenceTransformer, examples: list[Example], grad_items: int,
+def history_cache(model: SentenceTransformer, examples: Sequence[Example], grad_items: int,
                   batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Embeddings (no gradient, current weights) of every history text of an example with more
     than `grad_items` of them (any of its texts may be left undrawn) — refreshed once per epoch."""
@@ -149,7 +149,7 @@ def history_cache(model: SentenceTransformer, examples: list[Example], grad_item
                              batch_size)
 
 
-def persona_cache(model: SentenceTransformer, examples: list[Example],
+def persona_cache(model: SentenceTransformer, examples: Sequence[Example],
                   batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Embeddings (no gradient, current weights) of the item personas that serve as hard
     negatives (`item_negatives`) — refreshed once per epoch."""
@@ -181,7 +181,7 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Example], s: TrainSettings,
+def train(model: SentenceTransformer, train_set: Sequence[Example], val_set: Sequence[Example], s: TrainSettings,
           gamma: float, on_step: Callable[[int, dict], None] | None = None,
           on_epoch: Callable[[int, dict], None] | None = None) -> TrainResult:
     seed_everything(s.seed)
@@ -202,7 +202,7 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
         bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", unit="batch", leave=False)
         optimizer.zero_grad()
         for i, idx in enumerate(bar, start=1):
-            ex = [train_set[j] for j in idx]
+            ex = take(train_set, idx)
             users = batch_user_vectors(model, [e.history for e in ex], gamma, cache, s.history_grad_items, draws)
             personas = encode_with_grad(model, [e.persona_text for e in ex])
             negatives = item_negatives(ex, hard, users.device) if hard else None
@@ -230,18 +230,35 @@ def train(model: SentenceTransformer, train_set: list[Example], val_set: list[Ex
     return result
 
 
+EVAL_CHUNK = 16384  # examples whose texts are encoded together in `evaluate`
+
+
 @torch.no_grad()
-def evaluate(model: SentenceTransformer, examples: list[Example], gamma: float, temperature: float,
+def evaluate(model: SentenceTransformer, examples: Sequence[Example], gamma: float, temperature: float,
              batch_size: int) -> dict:
     """val_loss: InfoNCE with in-batch negatives only (comparable whatever the training loss) over
     consecutive batches; top1_accuracy: share of pairs whose aligned persona scores highest among
     its own item's personas (items with one persona excluded).
 
-    Batched: every distinct text (histories, aligned and item personas) is encoded once in large
-    batches, user vectors are the batched γ-decayed means — not one encode call per example."""
+    Batched: every distinct text of a chunk of examples (histories, aligned and item personas) is
+    encoded once in large batches, user vectors are the batched γ-decayed means — not one encode
+    call per example. Chunks (a multiple of the batch size, so the loss batches are the same) keep
+    memory bounded on a large validation set."""
     model.eval()
-    if not examples:
+    if not len(examples):
         return {"val_loss": float("nan"), "top1_accuracy": float("nan"), "val_pairs": 0}
+    losses: list[float] = []
+    hits = total = 0
+    for chunk in chunks(examples, -(-EVAL_CHUNK // batch_size) * batch_size):
+        h, t, chunk_losses = _evaluate_chunk(model, chunk, gamma, temperature, batch_size)
+        hits, total = hits + h, total + t
+        losses.extend(chunk_losses)
+    return {"val_loss": float(np.mean(losses)) if losses else float("nan"),
+            "top1_accuracy": hits / total if total else float("nan"), "val_pairs": total}
+
+
+def _evaluate_chunk(model: SentenceTransformer, examples: list[Example], gamma: float, temperature: float,
+                    batch_size: int) -> tuple[int, int, list[float]]:
     texts = [t for e in examples for t in e.history] + [e.persona_text for e in examples] + \
         [t for e in examples for _, t in e.item_personas]
     distinct = list(dict.fromkeys(texts))
@@ -264,5 +281,4 @@ def evaluate(model: SentenceTransformer, examples: list[Example], gamma: float, 
         best = e.item_personas[int(np.argmax(rows([t for _, t in e.item_personas]) @ u))][0]
         hits += best == e.persona_id
         total += 1
-    return {"val_loss": float(np.mean(losses)) if losses else float("nan"),
-            "top1_accuracy": hits / total if total else float("nan"), "val_pairs": total}
+    return hits, total, losses
