@@ -44,6 +44,14 @@ def test_max_sim_equals_brute_force():
         best = pm.slots[pm.item_index[c], b[n]]  # the input position of the winning persona
         assert best == [j for j, it in enumerate(items) if it == c][int(np.argmax(sims))]
 
+    # Recurring items (scored by one product per item) and rare ones (gathered) give the same.
+    many = np.array([pm.item_index[c] for c in [*rng.choice(["a", "b", "c", "e", "f"], 300), "d", "d"]])
+    users = rng.normal(size=(len(many), 8)).astype(np.float32)
+    s, b = max_sim(users, many, pm, chunk=7)
+    sims = np.where(pm.mask[many], np.einsum("nd,nwd->nw", users, pm.vectors[many]), -np.inf)
+    assert np.allclose(s, sims.max(axis=1), atol=1e-6) and (b == sims.argmax(axis=1)).all()
+    assert max_sim(users[:0], many[:0], pm)[0].shape == (0,)
+
 
 def blend(persona, cf, alpha):
     """Plain per-user reference of rank.blend_rows: α·z(persona) + (1−α)·z(cf)."""
