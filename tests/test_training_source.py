@@ -10,7 +10,7 @@ from pyspark.sql import functions as F
 
 from persona4rec.training import source
 from persona4rec.training.data import Example, chunks, is_validation_user, take, unique_batches
-from persona4rec.training.source import EMPTY, ExampleSet, copy_to_arrow, open_examples, validation_flag
+from persona4rec.training.source import EMPTY, ExampleSet, copy_to_arrow, open_examples, part_order, validation_flag
 
 
 def _examples(n: int) -> list[Example]:
@@ -37,7 +37,7 @@ def _table(examples: list[Example], validation: list[bool]) -> pa.Table:
 
 @pytest.mark.unit
 def test_example_set_reads_back_the_parts_in_order_and_batches_like_the_list(tmp_path, monkeypatch):
-    monkeypatch.setattr(source, "READ_ROWS", 7)  # several record batches per part and per iteration
+    monkeypatch.setattr(source, "READ_ROWS", 7)  # several record batches per part, per take and per iteration
     examples = _examples(60)
     validation = [j % 5 == 0 for j in range(60)]
     whole = _table(examples, validation)
@@ -45,25 +45,32 @@ def test_example_set_reads_back_the_parts_in_order_and_batches_like_the_list(tmp
     parts.mkdir()
     for n, (lo, hi) in enumerate(((0, 25), (25, 25), (25, 60))):  # an empty part, as Spark may write
         pq.write_table(whole.slice(lo, hi - lo), parts / f"part-{n:05d}-x.snappy.parquet")
-    (parts / "_SUCCESS").touch()
+    files = sorted((str(f) for f in parts.iterdir()), key=part_order)
     path = str(tmp_path / "examples.arrow")
-    assert copy_to_arrow(str(parts), path) == 60
+    assert copy_to_arrow(files, path) == 60
     table = pa.ipc.open_file(pa.memory_map(path)).read_all()
     train_rows = [j for j in range(60) if not validation[j]]
     train = ExampleSet(table, train_rows)
     expected = [examples[j] for j in train_rows]
     assert len(train) == 48 and list(train) == expected and train[5] == expected[5]
-    assert take(train, [9, 0, 47]) == [expected[9], expected[0], expected[47]]
+    assert take(train, [9, 0, 47, 9]) == [expected[9], expected[0], expected[47], expected[9]]
     assert [e for c in chunks(train, 10) for e in c] == expected
     # The batcher sees hashed keys instead of the ids: the same equalities, so the same batches.
     assert unique_batches(train, 4, random.Random(5)) == unique_batches(expected, 4, random.Random(5))
 
 
 @pytest.mark.unit
+def test_part_files_are_read_in_task_order():
+    names = ["part-10001-ab-c000.snappy.parquet", "part-100000-ab-c000.snappy.parquet",
+             "part-00002-ab-c1000.snappy.parquet", "part-00002-ab-c999.snappy.parquet"]
+    assert [n[:16] for n in sorted(names, key=part_order)] == [
+        "part-00002-ab-c9", "part-00002-ab-c1", "part-10001-ab-c0", "part-100000-ab-c"]
+
+
+@pytest.mark.unit
 def test_no_part_files_give_an_empty_set(tmp_path):
-    (tmp_path / "parts").mkdir()
     path = str(tmp_path / "e.arrow")
-    assert copy_to_arrow(str(tmp_path / "parts"), path) == 0
+    assert copy_to_arrow([], path) == 0
     empty = ExampleSet(pa.ipc.open_file(pa.memory_map(path)).read_all(), [])
     assert len(empty) == 0 and list(empty) == [] and unique_batches(empty, 4, random.Random(0)) == []
 

@@ -54,7 +54,7 @@ def run(spark: SparkSession, cfg: Config) -> Decision:
     name = cfg.mlflow.registered_model
     if alias_version(client, name, CHALLENGER) is None:
         raise LookupError(f"no @{CHALLENGER} version of '{name}' at {cfg.tracking_uri()}: run train_encoder first")
-    with open_examples(TableStore(spark, cfg), cfg) as (_, val_set):
+    with open_examples(TableStore(spark, cfg), cfg, validation_only=True) as (_, val_set):
         return _decide(cfg, client, name, val_set)
 
 

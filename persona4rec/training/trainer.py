@@ -243,7 +243,8 @@ def evaluate(model: SentenceTransformer, examples: Sequence[Example], gamma: flo
     Batched: every distinct text of a chunk of examples (histories, aligned and item personas) is
     encoded once in large batches, user vectors are the batched γ-decayed means — not one encode
     call per example. Chunks (a multiple of the batch size, so the loss batches are the same) keep
-    memory bounded on a large validation set."""
+    memory bounded on a large validation set; past one chunk the figures equal the one-pass ones
+    to float tolerance (texts are encoded in other batches)."""
     model.eval()
     if not len(examples):
         return {"val_loss": float("nan"), "top1_accuracy": float("nan"), "val_pairs": 0}
