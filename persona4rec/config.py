@@ -429,6 +429,21 @@ def _file_path(path: str) -> str:
     return urllib.parse.urlparse(path).path if path.lower().startswith("file:") else path
 
 
+def local_path(uri: str) -> str:
+    """A file URI Spark lists (`DataFrame.inputFiles`) as a path open() reads: `file:/x` → `/x`,
+    `dbfs:/x` → `/dbfs/x` (the FUSE mount; `dbfs:/Volumes/v` → `/Volumes/v`), percent-escapes
+    decoded; `spark_path` inverted."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme.lower() == "file":
+        return urllib.parse.unquote(parsed.path)
+    if parsed.scheme.lower() == "dbfs":
+        path = urllib.parse.unquote(parsed.path)
+        return path if path.startswith("/Volumes/") else "/dbfs" + path
+    if parsed.scheme == "":
+        return urllib.parse.unquote(uri)
+    return uri  # an object store: not a work folder (`validate` refuses those)
+
+
 def spark_path(path: str) -> str:
     """A work-folder path (a filesystem path every executor sees) as Spark must be given it: a
     Databricks FUSE path `/dbfs/x` is `dbfs:/x` to Spark, a Unity Catalog volume `/Volumes/...` is

@@ -86,3 +86,14 @@ def test_object_store_work_dirs_fail_at_start_naming_the_key(overrides, key):
     assert load_config("test", ["storage.root=s3://bucket/tables", "storage.work_dir=/mnt/p4r"])
     assert load_config("test", ["storage.catalog=c", "storage.schema=s"]).work_dir("checkpoints") == \
         "/Volumes/c/s/checkpoints"
+
+
+@pytest.mark.unit
+def test_local_path_inverts_spark_path():
+    from persona4rec.config import local_path, spark_path
+
+    for path in ("/tmp/work dir/x/part-00000.parquet", "/dbfs/p4r/x", "/Volumes/main/s/v/x"):
+        assert local_path(spark_path(path)) == path
+    assert local_path("file:///tmp/a%20b/part-1.parquet") == "/tmp/a b/part-1.parquet"
+    assert local_path("dbfs:/Volumes/main/s/v/x") == "/Volumes/main/s/v/x"
+    assert local_path("dbfs:/p4r/x") == "/dbfs/p4r/x"

@@ -26,7 +26,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from persona4rec.alignment.profiles import profiles, stored_interaction_texts
-from persona4rec.config import Config, _file_path, spark_path
+from persona4rec.config import Config, local_path, spark_path
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, USER_ID
 from persona4rec.tables import TableStore
 from persona4rec.training.data import Example
@@ -159,7 +159,7 @@ def open_examples(store: TableStore, cfg: Config,
         frame.write.mode("overwrite").parquet(spark_path(shared))
         written = spark.read.schema(frame.schema).parquet(spark_path(shared))  # no part file: empty
         # Spark's own listing: committed files only (a failed task attempt can leave others behind).
-        parts = sorted((_file_path(f) for f in written.inputFiles()), key=part_order)
+        parts = sorted((local_path(f) for f in written.inputFiles()), key=part_order)
         path = os.path.join(local, "examples.arrow")
         copied = copy_to_arrow(parts, path)
         expected = written.count()
