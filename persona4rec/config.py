@@ -439,9 +439,7 @@ def local_path(uri: str) -> str:
     if parsed.scheme.lower() == "dbfs":
         path = urllib.parse.unquote(parsed.path)
         return path if path.startswith("/Volumes/") else "/dbfs" + path
-    if parsed.scheme == "":
-        return urllib.parse.unquote(uri)
-    return uri  # an object store: not a work folder (`validate` refuses those)
+    return uri  # a plain path, or an object store: not a work folder (`validate` refuses those)
 
 
 def spark_path(path: str) -> str:

@@ -10,7 +10,7 @@ from pyspark.sql import functions as F
 
 from persona4rec.training import source
 from persona4rec.training.data import Example, chunks, is_validation_user, take, unique_batches
-from persona4rec.training.source import EMPTY, ExampleSet, copy_to_arrow, open_examples, part_order, validation_flag
+from persona4rec.training.source import SCHEMA, ExampleSet, copy_to_arrow, open_examples, part_order, validation_flag
 
 
 def _examples(n: int) -> list[Example]:
@@ -32,7 +32,7 @@ def _table(examples: list[Example], validation: list[bool]) -> pa.Table:
         "item_personas": [[{"persona_id": p, "persona_text": t} for p, t in e.item_personas] for e in examples],
         "validation": validation,
         "user_key": [hash(e.user_id) for e in examples], "item_key": [hash(e.item_id) for e in examples],
-    }, schema=EMPTY.schema)
+    }, schema=SCHEMA)
 
 
 @pytest.mark.unit

@@ -73,8 +73,8 @@ def unique_batches(examples: Sequence[Example], batch_size: int, rng: random.Ran
     order = list(range(len(user_of)))
     rng.shuffle(order)
     batches: list[list[int]] = []
-    users: list[set[str]] = []
-    items: list[set[str]] = []
+    users: list[set | None] = []  # None once the batch is full
+    items: list[set | None] = []
     after_user: dict[str, int] = {}
     after_item: dict[str, int] = {}
     first_open = 0

@@ -34,9 +34,9 @@ from persona4rec.training.data import Example
 READ_ROWS = 4096  # rows per record batch when copying Parquet to the local Arrow file
 _TEXTS = pa.list_(pa.string())
 _PERSONAS = pa.list_(pa.struct([("persona_id", pa.string()), ("persona_text", pa.string())]))
-EMPTY = pa.schema([(USER_ID, pa.string()), (ITEM_ID, pa.string()), ("history", _TEXTS), ("persona_id", pa.string()),
+SCHEMA = pa.schema([(USER_ID, pa.string()), (ITEM_ID, pa.string()), ("history", _TEXTS), ("persona_id", pa.string()),
                    ("persona_text", pa.string()), ("item_personas", _PERSONAS), ("validation", pa.bool_()),
-                   ("user_key", pa.int64()), ("item_key", pa.int64())]).empty_table()
+                   ("user_key", pa.int64()), ("item_key", pa.int64())])  # what example_frame writes
 
 
 def validation_flag(user_id: Column, fraction: float, seed: int) -> Column:
@@ -131,7 +131,7 @@ def part_order(path: str) -> tuple[int, int, str]:
 def copy_to_arrow(parts: list[str], path: str) -> int:
     """Spark's part files, in the order given (sort them by `part_order`: the frame's global
     order), into one Arrow IPC file, one record batch at a time; returns the row count."""
-    schema = pq.read_schema(parts[0]) if parts else EMPTY.schema  # no pairs: Spark may write no part
+    schema = pq.read_schema(parts[0]) if parts else SCHEMA  # no pairs: Spark may write no part
     rows = 0
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for part in parts:
