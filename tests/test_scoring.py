@@ -29,6 +29,37 @@ def test_sanitize_removes_markup_links_addresses_and_phones():
 
 
 @pytest.mark.unit
+def test_scoring_index_takes_the_layouts_texts_by_persona_id_or_computes_the_same_ones():
+    import pyarrow as pa
+
+    from persona4rec.scoring.explain import persona_texts
+
+    rng = np.random.default_rng(3)
+    rows = [("I2", "I2#0", NASTY, "Reads on trains.", "Wants short stories."), ("I1", "I1#0", "Jazz fan", "d", "r"),
+            ("I2", "I2#1", "Night owl", "Listens late.", "Quiet tone."), ("I3", "I3#0", "Gift giver", "x", "y")]
+    table = pa.table({"item_id": [r[0] for r in rows], "persona_id": [r[1] for r in rows],
+                      "name": [r[2] for r in rows], "description": [r[3] for r in rows],
+                      "preference_rationale": [r[4] for r in rows],
+                      "embedding": [list(v) for v in rng.normal(size=(4, 8)).astype(np.float32)]})
+    local = score.ScoringIndex.build(table, 80)
+    # the layout's texts, in another order and without I3#0 (a persona the layout lacks gets none)
+    pairs = {r[1]: persona_texts(r[2], r[3], r[4], 80) for r in rows[:3]}
+    texts = pa.table({"persona_id": list(reversed(pairs)), "persona_name": [pairs[k][0] for k in reversed(pairs)],
+                      "explanation": [pairs[k][1] for k in reversed(pairs)]})
+    taken = score.ScoringIndex.build(table.select(["item_id", "persona_id", "embedding"]), 80, texts=texts)
+    bare = score.ScoringIndex.build(table.select(["item_id", "persona_id", "embedding"]), 80, texts=False)
+    # slots: rows I1, I2, I3 × 2 personas; padded cells are null
+    assert local.persona_id.to_pylist() == ["I1#0", None, "I2#0", "I2#1", "I3#0", None]
+    assert taken.persona_id.equals(local.persona_id) and bare.persona_id.equals(local.persona_id)
+    assert local.explanation[2].as_py() == persona_texts(*rows[0][2:], 80)[1] and "evil" not in str(local.explanation)
+    assert taken.explanation.to_pylist()[:4] == local.explanation.to_pylist()[:4]
+    assert taken.persona_name.to_pylist()[:4] == local.persona_name.to_pylist()[:4]
+    assert taken.explanation[4].as_py() is None and local.explanation[4].as_py() is not None
+    assert bare.explanation.null_count == 6 and bare.persona_name.null_count == 6
+    np.testing.assert_array_equal(taken.pm.vectors, local.pm.vectors)
+
+
+@pytest.mark.unit
 def test_max_sim_equals_brute_force():
     rng = np.random.default_rng(0)
     vec = rng.normal(size=(11, 8)).astype(np.float32)

@@ -86,7 +86,7 @@ def variant_index(personas: DataFrame, cfg: Config, folder: str) -> ScoringIndex
     sc = cfg.scoring
     megabytes, items, width, d = index_megabytes(personas, np.dtype(sc.index_dtype).itemsize)
     if megabytes <= sc.index_budget_mb:
-        return scoring_index(personas, sc.explanation_max_chars, sc.index_dtype)
+        return scoring_index(personas, sc.explanation_max_chars, sc.index_dtype, texts=False)
     blocks = block_count(megabytes, sc.index_budget_mb)
     log.info("evaluation index %s: %.0f MB > scoring.index_budget_mb %g, %d item blocks", folder, megabytes,
              sc.index_budget_mb, blocks)

@@ -156,14 +156,15 @@ def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str
     subfolder and then replaces the small manifest file that names it (the last step, a file
     rename, which object-store mounts support): a crash leaves no manifest pointing at a partial
     layout, and of two concurrent writers each ends with a complete one. No directory is renamed
-    and no file is written out of order. texts False: no e-mail texts (evaluation ranks only)."""
+    and no file is written out of order. texts False: no e-mail texts (evaluation ranks only);
+    blocks 0: the e-mail texts only (what the broadcast path reuses)."""
     done = _read_manifest(path)
     if done is not None:
         log.info("persona blocks reused from %s (%d blocks)", done.path, done.blocks)
         return done
     writer = f"w-{uuid.uuid4().hex[:12]}"
     target = os.path.join(path, writer)
-    present = write_blocks(index, blocks, target, dtype)
+    present = write_blocks(index, blocks, target, dtype) if blocks else []
     if texts:
         explanations(index, max_chars).write.mode("overwrite").parquet(spark_path(os.path.join(target, "explanations")))
     tmp = os.path.join(path, f"{MANIFEST}.{writer}")

@@ -110,11 +110,15 @@ def sanitize(text: str | None, max_chars: int) -> str:
     return (cut[:space] if space > max_chars // 2 else cut).rstrip(" .,;") + "…"
 
 
-def explanation(name: str, description: str, rationale: str, max_chars: int) -> str:
-    body = sanitize(f"{description} {rationale}", max_chars)
+def persona_texts(name: str, description: str, rationale: str, max_chars: int) -> tuple[str, str]:
+    """(display name, e-mail explanation) of one persona; the name is cleaned once for both."""
     who = sanitize(name, 60)
-    text = f"For {who}: {body}" if who else body
-    return sanitize(text, max_chars)
+    body = sanitize(f"{description} {rationale}", max_chars)
+    return who, sanitize(f"For {who}: {body}" if who else body, max_chars)
+
+
+def explanation(name: str, description: str, rationale: str, max_chars: int) -> str:
+    return persona_texts(name, description, rationale, max_chars)[1]
 
 
 def explanations(index: DataFrame, max_chars: int) -> DataFrame:
@@ -123,11 +127,10 @@ def explanations(index: DataFrame, max_chars: int) -> DataFrame:
 
     def texts(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for f in frames:
-            yield pd.DataFrame({
-                "persona_id": f["persona_id"],
-                "persona_name": [sanitize(v, 60) for v in f["name"]],
-                "explanation": [explanation(a, b, c, max_chars)
-                                for a, b, c in zip(f["name"], f["description"], f["preference_rationale"])]})
+            pairs = [persona_texts(a, b, c, max_chars)
+                     for a, b, c in zip(f["name"], f["description"], f["preference_rationale"])]
+            yield pd.DataFrame({"persona_id": f["persona_id"], "persona_name": [p[0] for p in pairs],
+                                "explanation": [p[1] for p in pairs]})
 
     return index.select("persona_id", "name", "description", "preference_rationale").mapInPandas(
         texts, "persona_id string, persona_name string, explanation string")

@@ -16,7 +16,8 @@ index's model version (e.g. build_index stopped before the interaction embedding
 
 Scale: users are processed in Arrow batches inside `mapInArrow` — one row per user carrying its
 candidate list and vector — with the persona matrix and the sanitised explanations broadcast
-once. List columns are read as flat numpy arrays (no Python object per float, per candidate or
+once (the explanations are computed by Spark once per persona_index version and kept with its
+layout, not in a loop on the driver). List columns are read as flat numpy arrays (no Python object per float, per candidate or
 per user), the vector work is batched numpy (see `rank.py`), the output is assembled with Arrow
 `take`, and memory per task is bounded by the Arrow batch size.
 """
@@ -35,6 +36,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -44,7 +46,7 @@ from persona4rec.schemas import (CANDIDATES, INTERACTION_EMBEDDINGS, ITEM_ID, PE
                                  USER_ID, USER_VECTORS)
 from persona4rec.scoring.blocks import (Prepared, block_count, blocked_persona_scores, index_megabytes, layout_code,
                                        prepare, task_count)
-from persona4rec.scoring.explain import explanation, sanitize
+from persona4rec.scoring.explain import persona_texts
 from persona4rec.scoring.window import check_window
 from persona4rec.scoring.rank import PersonaMatrix, blend_rows, max_sim, pad, segments
 from persona4rec.scoring.runs import sorted_runs, user_runs
@@ -66,22 +68,30 @@ class ScoringIndex:
     explanation: pa.Array
 
     @staticmethod
-    def build(table: pa.Table, max_chars: int, dtype: str = "float32") -> "ScoringIndex":
-        """From the persona_index columns item_id, persona_id, name, description,
-        preference_rationale, embedding (an Arrow table: no per-float Python objects)."""
+    def build(table: pa.Table, max_chars: int, dtype: str = "float32", texts: pa.Table | bool = True) -> "ScoringIndex":
+        """From the persona_index columns item_id, persona_id, embedding (an Arrow table: no
+        per-float Python objects) and the personas' e-mail texts: `texts` True computes them here
+        from name, description, preference_rationale (one process: use it for small indexes);
+        a table (persona_id, persona_name, explanation: the layout's, computed in Spark once per
+        index version) supplies them; False leaves them null (evaluation only ranks)."""
         emb = table.column("embedding").combine_chunks()
         d = emb.value_lengths()[0].as_py() if len(emb) else 0
         vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(emb), d)
-        cols = {c: table.column(c).to_pylist() for c in (ITEM_ID, "persona_id", "name", "description",
-                                                         "preference_rationale")}
-        pm = PersonaMatrix.build(cols[ITEM_ID], vectors, dtype)
+        ids = table.column("persona_id").combine_chunks().cast(pa.string())
+        pm = PersonaMatrix.build(table.column(ITEM_ID).to_pylist(), vectors, dtype)
+        if texts is True:
+            pairs = [persona_texts(a, b, c, max_chars) for a, b, c in zip(*(
+                table.column(c).to_pylist() for c in ("name", "description", "preference_rationale")))]
+            names, texts_ = pa.array([p[0] for p in pairs], pa.string()), pa.array([p[1] for p in pairs], pa.string())
+        elif texts is False:
+            names = texts_ = pa.nulls(len(ids), pa.string())
+        else:
+            at = pc.index_in(ids, texts.column("persona_id").combine_chunks().cast(pa.string()))
+            names, texts_ = (texts.column(c).combine_chunks().cast(pa.string()).take(at)
+                             for c in ("persona_name", "explanation"))
         slots = pm.slots.ravel()
-        pick = lambda values: [values[n] if n >= 0 else None for n in slots]
-        names = [sanitize(v, 60) for v in cols["name"]]
-        texts = [explanation(a, b, c, max_chars)
-                 for a, b, c in zip(cols["name"], cols["description"], cols["preference_rationale"])]
-        return ScoringIndex(pm, pa.array(pick(cols["persona_id"]), pa.string()), pa.array(pick(names), pa.string()),
-                            pa.array(pick(texts), pa.string()))
+        pick = pa.array(np.where(slots >= 0, slots, 0), mask=slots < 0)
+        return ScoringIndex(pm, ids.take(pick), names.take(pick), texts_.take(pick))
 
 
 @dataclass(frozen=True)
@@ -207,9 +217,12 @@ OUTPUT_DDL = ("user_id string, rank int, item_id string, score double, persona_s
               "persona_id string, persona_name string, explanation string, has_history boolean, path string")
 
 
-def scoring_index(index: DataFrame, max_chars: int, dtype: str = "float32") -> ScoringIndex:
-    return ScoringIndex.build(index.select(ITEM_ID, "persona_id", "name", "description", "preference_rationale",
-                                           "embedding").toArrow(), max_chars, dtype)
+def scoring_index(index: DataFrame, max_chars: int, dtype: str = "float32",
+                  texts: pa.Table | bool = True) -> ScoringIndex:
+    """The broadcast ScoringIndex of a persona_index DataFrame (texts: see ScoringIndex.build)."""
+    cols = [ITEM_ID, "persona_id", "embedding"] + (["name", "description", "preference_rationale"] if texts is True
+                                                   else [])
+    return ScoringIndex.build(index.select(*cols).toArrow(), max_chars, dtype, texts)
 
 
 def user_candidates(spark: SparkSession, candidates: DataFrame, si: ScoringIndex,
@@ -242,7 +255,9 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
     `scoring.index_dtype`), else scored in item blocks (blocks.py); both give the same rows. The
     blocked layout (blocks + e-mail texts) is kept under `blocks_dir` — a folder that names this
     version of the index: a later run with the same index, dtype, budget, text length and code
-    (`blocks.layout_code`) reuses it; required when the index is over the budget."""
+    (`blocks.layout_code`) reuses it; required when the index is over the budget. On the broadcast
+    path the e-mail texts alone are kept there (a layout of 0 blocks), computed by Spark instead of
+    one loop on the driver; without blocks_dir the driver computes them (small indexes, tests)."""
     sc = cfg.scoring
     alpha = float(sc.alpha if alpha is None else alpha)
     megabytes, items, width, d = index_megabytes(index, np.dtype(sc.index_dtype).itemsize)
@@ -257,7 +272,11 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
         rows = blocked_recommendations(spark, candidates, user_vectors, prepared, cfg, alpha)
         return rows.select(F.lit(run_date).alias("run_date"), F.lit(cfg.mode).alias("mode"),
                            F.lit(generator).alias("generator"), F.lit(model_version).alias("model_version"), "*")
-    si = scoring_index(index, sc.explanation_max_chars, sc.index_dtype)
+    texts: pa.Table | bool = True
+    if blocks_dir is not None:  # the e-mail texts, computed in Spark once per index version (blocks 0: texts only)
+        layout = prepare(index, 0, sc.index_dtype, sc.explanation_max_chars, layout_path(blocks_dir, cfg, 0))
+        texts = spark.read.parquet(spark_path(f"{layout.path}/explanations")).toArrow()
+    si = scoring_index(index, sc.explanation_max_chars, sc.index_dtype, texts)
     bc = spark.sparkContext.broadcast(si)
     users = user_candidates(spark, candidates, si, per_user=("source",)).join(
         user_vectors.select(USER_ID, "vector"), USER_ID, "left")
