@@ -10,7 +10,10 @@ session with fixed seeds, then prints the table (generator × variant × metric@
 generator) and one JSON line per generator:
 {"bench": "quality", "dataset", "generator", "users", "ndcg10_generator", "ndcg10_vanilla",
  "ndcg10_finetuned", "ndcg10_blend", "alpha", "hr10_generator", "hr10_finetuned", "ndcg10_gain_ci"}
-(`ndcg10_gain_ci`: paired bootstrap 95% interval of NDCG@10 finetuned / generator).
+(`ndcg10_gain_ci`: paired bootstrap 95% interval of NDCG@10 finetuned / generator), and with the
+extractive builder `ndcg10_vanilla_centroid`, `ndcg10_vanilla_review_history`, `ndcg10_vanilla_reviews`
+(the un-tuned encoder with persona vectors as their review clusters' centroids, with histories of
+the user's own reviews, and both: see evaluation/job.py).
 `--builder llm` uses the configured LLM (by default the embedded local model) instead of the
 LLM-free extractive personas.
 """
@@ -35,7 +38,8 @@ from persona4rec.spark import get_spark
 STAGES = ("ingest", "summarise_items", "extract_aspects", "build_personas", "align", "train_encoder",
           "promote_model", "generate_candidates")
 VARIANTS = ("generator", "vanilla", "finetuned", "finetuned_blend", "summary_only", "personas_1", "personas_3",
-            "personas_5", "personas_7")
+            "personas_5", "personas_7", "vanilla_centroid", "vanilla_review_history", "vanilla_reviews")
+REPRESENTATIONS = ("vanilla_centroid", "vanilla_review_history", "vanilla_reviews")  # issue 14's measurement
 
 
 def table(summary: dict, ks: tuple[int, ...]) -> str:
@@ -101,7 +105,8 @@ def main() -> None:
                           "ndcg10_vanilla": m["ndcg10_vanilla"], "ndcg10_finetuned": m["ndcg10_finetuned"],
                           "ndcg10_blend": m["ndcg10_finetuned_blend"], "alpha": m["alpha"],
                           "hr10_generator": m["hr10_generator"], "hr10_finetuned": m["hr10_finetuned"],
-                          "ndcg10_gain_ci": m["ndcg10_gain_ci"]}))
+                          "ndcg10_gain_ci": m["ndcg10_gain_ci"],
+                          **{f"ndcg10_{v}": m[f"ndcg10_{v}"] for v in REPRESENTATIONS if f"ndcg10_{v}" in m}}))
 
 
 if __name__ == "__main__":

@@ -161,6 +161,19 @@ def test_blocked_evaluation_ranks_equal_the_broadcast_ones(spark, tmp_path):
 
 
 @pytest.mark.spark
+def test_persona_centroids_are_the_normalised_mean_of_their_clusters_reviews(spark):
+    from persona4rec.evaluation.job import persona_centroids
+
+    reviews = spark.createDataFrame([("U1", "I1", [3.0, 0.0]), ("U2", "I1", [0.0, 1.0]), ("U3", "I1", [1.0, 1.0]),
+                                     ("U4", "I2", [0.0, 2.0])], "user_id string, item_id string, embedding array<float>")
+    clusters = spark.createDataFrame([("U1", "I1", "I1#0"), ("U2", "I1", "I1#0"), ("U3", "I1", "I1#1"),
+                                      ("U9", "I3", "I3#0")], "user_id string, item_id string, persona_id string")
+    got = {r.persona_id: r.centroid for r in persona_centroids(reviews, clusters).collect()}
+    assert set(got) == {"I1#0", "I1#1"}  # U4's review is in no cluster, I3#0 has no embedded review
+    assert got["I1#0"] == pytest.approx([0.9486833, 0.3162278]) and got["I1#1"] == pytest.approx([0.7071068] * 2)
+
+
+@pytest.mark.spark
 @pytest.mark.integration
 def test_evaluate_job_writes_every_variant_to_delta_and_mlflow_and_tags_the_alpha(spark, extractive_run):
     import mlflow
@@ -174,7 +187,8 @@ def test_evaluate_job_writes_every_variant_to_delta_and_mlflow_and_tags_the_alph
     m = store.read("evaluation_metrics").filter(F.col("run_id") == summary["run_id"])
     variants = {r[0] for r in m.select("variant").distinct().collect()}
     assert variants == {"generator", "vanilla", "finetuned", "finetuned_blend", "summary_only",
-                        "personas_1", "personas_3", "personas_5", "personas_7"}
+                        "personas_1", "personas_3", "personas_5", "personas_7",
+                        "vanilla_centroid", "vanilla_review_history", "vanilla_reviews"}
     assert {r[0] for r in m.select("scenario").distinct().collect()} >= {"all", "warm_users", "cold_users"}
     test_users = store.read("splits").filter("split = 'test'").count()
     assert m.filter("split = 'test' AND scenario = 'all'").agg(F.min("users"), F.max("users")).first() == (

@@ -8,6 +8,13 @@ Variants (each with the same candidates and protocol, see rankings.py):
   finetuned_blend    α·z(persona) + (1−α)·z(CF) with α chosen on validation NDCG@10 (never test)
   summary_only       items indexed by their summary alone (no reviews), champion encoder
   personas_<n>       only each item's first n personas (the paper's Table 10), champion encoder
+Representation variants (un-tuned encoder; where `review_clusters` exists, i.e. the extractive
+builder — issue 14's measurement of what the texts lose):
+  vanilla_centroid        each persona's vector = the centroid of its cluster's review embeddings
+                          (the persona text stays for the explanation); histories as `vanilla`
+  vanilla_review_history  persona texts as `vanilla`; each history interaction = the user's own
+                          review text (no item summary)
+  vanilla_reviews         both
 Scenarios: all users, warm / cold users (most / least active by training interactions), and
 users whose held-out item is a head / tail item (by training popularity).
 
@@ -31,14 +38,14 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from persona4rec.alignment.profiles import stored_interaction_texts
+from persona4rec.alignment.profiles import stored_interaction_texts, stored_interactions
 from persona4rec.config import EVALUATION, Config
 from persona4rec.errors import InputError
 from persona4rec.evaluation.bootstrap import ratio_interval
 from persona4rec.evaluation.metrics import metric_columns, spark_metrics
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
 from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_PERSONAS,
-                                 ITEM_SUMMARIES, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
+                                 ITEM_SUMMARIES, REVIEW_CLUSTERS, REVIEWS, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder, untuned_encoder
 from persona4rec.scoring.blocks import Prepared, block_count, index_megabytes, prepare
 from persona4rec.scoring.window import vector_inputs
@@ -78,6 +85,54 @@ class Embedded:
     def release(self) -> None:
         for df in (self.personas, self.summaries, self.interactions):
             df.unpersist()
+
+
+class ReviewView:
+    """The un-tuned encoder's view of the reviews themselves: every review of a training or
+    validation interaction embedded once (user_id, item_id, ts, seq, split, embedding). From it,
+    persona centroids (the mean of the review embeddings of each persona's cluster, training
+    reviews only: review_clusters is built from what the offline stages may read) and user vectors
+    whose history rows are the user's own reviews."""
+
+    def __init__(self, store: TableStore, cfg: Config, ref: EncoderRef):
+        interactions = stored_interactions(store).filter(F.col(SPLIT).isin(TRAIN, VALIDATION))
+        texts = interactions.join(store.read(REVIEWS.name).select(
+            USER_ID, ITEM_ID, F.trim(F.regexp_replace("review_text", r"\s+", " ")).alias("text")), [USER_ID, ITEM_ID])
+        self.reviews = embed_column(texts, "text", ref).drop("text", "model_version").persist()
+        self.centroids = persona_centroids(self.reviews.filter(F.col(SPLIT) == TRAIN),
+                                           store.read(REVIEW_CLUSTERS.name)).persist()
+        log.info("review view: %d reviews embedded, %d persona centroids", self.reviews.count(),
+                 self.centroids.count())
+
+    def centroid_personas(self, personas: DataFrame) -> DataFrame:
+        """`personas` (with their text embedding) whose vector is their cluster's centroid where
+        they have one (a persona without member reviews, e.g. summary-only, keeps its text's)."""
+        return personas.join(self.centroids, "persona_id", "left").withColumn(
+            "embedding", F.coalesce("centroid", "embedding")).drop("centroid")
+
+    def vectors(self, split: str, k: int, gamma: float) -> DataFrame:
+        return compute_user_vectors(self.reviews.filter(F.col(SPLIT).isin(*HISTORY[split])), k, gamma)
+
+    def release(self) -> None:
+        self.reviews.unpersist()
+        self.centroids.unpersist()
+
+
+def persona_centroids(reviews: DataFrame, clusters: DataFrame) -> DataFrame:
+    """persona_id, centroid: the L2-normalised mean embedding of the reviews (user_id, item_id,
+    embedding) that review_clusters (user_id, item_id, persona_id) puts in each persona's cluster."""
+    members = reviews.join(clusters.select(USER_ID, ITEM_ID, "persona_id"), [USER_ID, ITEM_ID])
+    return members.select("persona_id", "embedding").groupBy("persona_id").applyInPandas(
+        _centroid, "persona_id string, centroid array<float>")
+
+
+def _centroid(pdf):
+    import pandas as pd
+
+    mean = np.stack(pdf["embedding"].to_numpy()).astype(np.float64).mean(axis=0)
+    norm = np.linalg.norm(mean)
+    return pd.DataFrame({"persona_id": [pdf["persona_id"].iloc[0]],
+                         "centroid": [(mean / norm if norm > 0 else mean).astype(np.float32)]})
 
 
 def variant_index(personas: DataFrame, cfg: Config, folder: str) -> ScoringIndex | Prepared:
@@ -185,13 +240,23 @@ def _evaluate(spark: SparkSession, cfg: Config, layouts: str) -> dict:
     grid = tuple(sorted(set(ev.alpha_grid) | {1.0}))
     parts, alphas = [], {}
     ft = encoders["finetuned"]
-    indexes = {name: variant_index(df, cfg, f"{layouts}/{name}") for name, df in (
-        ("finetuned", ft.personas), ("vanilla", encoders["vanilla"].personas), ("summary_only", ft.summaries),
-        *((f"personas_{n}", ft.personas.filter(F.col("persona_index") < n)) for n in ev.persona_caps))}
+    # variant → (its persona index, whose user vectors)
+    frames = {"finetuned": (ft.personas, "finetuned"), "vanilla": (encoders["vanilla"].personas, "vanilla"),
+              "summary_only": (ft.summaries, "finetuned"),
+              **{f"personas_{n}": (ft.personas.filter(F.col("persona_index") < n), "finetuned")
+                 for n in ev.persona_caps}}
+    reviews = ReviewView(store, cfg, base) if store.exists(REVIEW_CLUSTERS.name) else None
+    if reviews is not None:
+        centroids = reviews.centroid_personas(encoders["vanilla"].personas)
+        frames.update({"vanilla_centroid": (centroids, "vanilla"),
+                       "vanilla_review_history": (encoders["vanilla"].personas, "vanilla_reviews"),
+                       "vanilla_reviews": (centroids, "vanilla_reviews")})
+    indexes = {name: variant_index(df, cfg, f"{layouts}/{name}") for name, (df, _) in frames.items()}
     # The rank parts stay lazy until their union is written; what they share is cached until then.
     cached: list[DataFrame] = []
     for split in (VALIDATION, TEST):
-        vec = {name: e.vectors(split, prof.k, prof.gamma).persist() for name, e in encoders.items()}
+        views = {**encoders, **({"vanilla_reviews": reviews} if reviews is not None else {})}
+        vec = {name: e.vectors(split, prof.k, prof.gamma).persist() for name, e in views.items()}
         cached.extend(vec.values())
         for gen in generators:
             targets, cands = eval_candidates(candidates.filter(F.col("generator") == gen), splits, split)
@@ -202,7 +267,7 @@ def _evaluate(spark: SparkSession, cfg: Config, layouts: str) -> dict:
             parts.append(tag(generator_ranks(targets, cands).withColumn("alpha", F.lit(None).cast("double")),
                              "generator"))
             for variant, si in indexes.items():
-                encoder = "vanilla" if variant == "vanilla" else "finetuned"
+                encoder = frames[variant][1]
                 if variant == "finetuned" and split == VALIDATION:
                     ranks = reranked_ranks(spark, targets, cands, vec[encoder], si, grid).persist()
                     cached.append(ranks)
@@ -274,5 +339,7 @@ def _evaluate(spark: SparkSession, cfg: Config, layouts: str) -> dict:
             set_blend_alpha(cfg, client, champion.version, gen, a)
     for e in {id(e): e for e in encoders.values()}.values():
         e.release()
+    if reviews is not None:
+        reviews.release()
     log.info("evaluation run %s: %s", run_id, summary)
     return summary
