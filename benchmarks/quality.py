@@ -46,7 +46,7 @@ def table(summary: dict, ks: tuple[int, ...]) -> str:
     lines = []
     for gen, m in summary["generators"].items():
         lines.append(f"\n{gen} (test, {m['users']} users, blend alpha {m['alpha']:.2f} chosen on validation)")
-        lines.append(f"  {'variant':<16}" + "".join(f"{f'{n}@{k}':>10}" for n in ("hr", "mrr", "ndcg") for k in ks)
+        lines.append(f"  {'variant':<24}" + "".join(f"{f'{n}@{k}':>10}" for n in ("hr", "mrr", "ndcg") for k in ks)
                      + f"{'ΔNDCG@10':>10}")
         for v in VARIANTS:
             if f"ndcg10_{v}" not in m:
@@ -54,7 +54,7 @@ def table(summary: dict, ks: tuple[int, ...]) -> str:
             cells = "".join(f"{m[f'{n}{k}_{v}']:>10.4f}" for n in ("hr", "mrr", "ndcg") for k in ks)
             base = m["ndcg10_generator"]
             delta = f"{(m[f'ndcg10_{v}'] / base - 1) * 100:>+9.1f}%" if base else f"{'n/a':>10}"
-            lines.append(f"  {v:<16}{cells}{delta}")
+            lines.append(f"  {v:<24}{cells}{delta}")
         lo, hi = m["ndcg10_gain_ci"]
         lines.append(f"  NDCG@10 finetuned/generator, paired bootstrap 95% CI: [{lo:.3f}, {hi:.3f}]")
     return "\n".join(lines)
@@ -79,6 +79,7 @@ def main() -> None:
                  f"ingest.format={args.format}", f"offline.persona_builder={args.builder}",
                  f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"mlflow.artifact_root={out}/mlruns",
                  f"train.max_steps={args.max_steps}", "candidates.top_n=20", "candidates.generators=[als,bpr]",
+                 f"evaluation.representation_variants={str(args.builder == 'extractive').lower()}",
                  *args.set]
     cfg = load_config(None, overrides)
     spark = get_spark(cfg)

@@ -275,6 +275,9 @@ class EvaluationSettings:
     head_item_fraction: float = 0.2  # head = most popular 20% of items (training interactions)
     bootstrap_samples: int = 1000
     seed: int = 11
+    # The representation variants (vanilla_centroid, vanilla_review_history, vanilla_reviews; extractive
+    # builder only): they embed every training and validation review, so they are opt-in.
+    representation_variants: bool = False
 
 
 Mode = Literal["production", "evaluation"]

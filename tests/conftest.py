@@ -64,7 +64,8 @@ def extractive_run(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("extractive_run")
     cfg = make_config(tmp, "offline.persona_builder=extractive", "train.epochs=1", "train.max_steps=4",
                       f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", f"mlflow.artifact_root={tmp / 'mlruns'}",
-                      "scoring.run_date=2026-11-25", "evaluation.bootstrap_samples=200")
+                      "scoring.run_date=2026-11-25", "evaluation.bootstrap_samples=200",
+                      "evaluation.representation_variants=true")
     results = pipeline.run(spark, cfg)
     evaluation = dataclasses.replace(cfg, mode="evaluation")
     results["evaluation_candidates"] = candidates.run(spark, evaluation)

@@ -201,6 +201,12 @@ def test_evaluate_job_writes_every_variant_to_delta_and_mlflow_and_tags_the_alph
     row = m.filter("split = 'test' AND generator = 'bpr' AND variant = 'finetuned' AND scenario = 'all' "
                    "AND k = 10").first()
     assert row.ndcg == pytest.approx(ref["ndcg@10"], abs=1e-12) and row.hr == pytest.approx(ref["hr@10"], abs=1e-12)
+    # The representation variants measure something: centroids and review histories move the ranks.
+    of = lambda variant: {r.user_id: r.target_rank for r in store.read("evaluation_ranks").filter(
+        (F.col("run_id") == summary["run_id"]) & (F.col("variant") == variant) & (F.col("split") == "test")
+        & (F.col("generator") == "bpr")).collect()}
+    assert of("vanilla_centroid") != of("vanilla") and of("vanilla_review_history") != of("vanilla")
+    assert of("vanilla_reviews").keys() == of("vanilla").keys()
     client = setup_mlflow(cfg)
     run = client.get_run(summary["run_id"])
     assert "test.bpr.finetuned.ndcg_10" in run.data.metrics and "alpha_bpr" in run.data.params

@@ -1,5 +1,6 @@
 """Batch scoring: Eq. 10 against plain numpy, candidate and persona integrity, safe explanations."""
 
+import datetime as dt
 import re
 
 import numpy as np
@@ -157,11 +158,13 @@ def synthetic(spark, cfg, users=30, items=25, d=16, personas=3, cands=12, seed=0
 
 
 @pytest.mark.spark
-def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
+def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path, caplog):
     cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", "profile.k=10",
                       "profile.gamma=0.8", "scoring.top_k=10", "scoring.explanation_max_chars=160")
     store, pvec, history = synthetic(spark, cfg)
-    first = score.run(spark, cfg)
+    with caplog.at_level("INFO", logger="persona4rec.scoring"):
+        first = score.run(spark, cfg)
+    assert "persona layout written" in caplog.text and "e-mail texts" in caplog.text  # broadcast: texts only
     assert first["users"] == 30 and first["rows"] == 300 and first["users_by_path"] == {"cf": 30}
     assert first["user_vectors_recomputed"] == 30
     recs = store.read("recommendations").collect()
@@ -192,8 +195,19 @@ def test_scores_match_numpy_eq10_and_outputs_are_consistent(spark, tmp_path):
         assert [r["rank"] for r in rows] == list(range(1, 11))
         assert all(a.score >= b.score for a, b in zip(rows, rows[1:]))
 
-    again = score.run(spark, cfg)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="persona4rec.scoring"):
+        again = score.run(spark, cfg)
     assert again["rows"] == 300 and again["user_vectors_recomputed"] == 0  # nothing changed
+    assert "persona blocks reused" in caplog.text  # the texts of this index version are not computed twice
+    # the driver-computed texts (recommend without a layout folder) give the same rows
+    index = store.read("persona_index")
+    vectors = store.read("user_vectors")
+    direct = score.recommend(spark, store.read("candidates").filter(F.col("mode") == "evaluation"), vectors, index,
+                             cfg, "v1", dt.date(2026, 1, 2), "bpr", 1.0).collect()
+    key = lambda r: (r.user_id, r["rank"])
+    assert sorted((key(r), r.item_id, r.persona_id, r.persona_name, r.explanation) for r in direct) == \
+        sorted((key(r), r.item_id, r.persona_id, r.persona_name, r.explanation) for r in recs)
     day = store.read("recommendations").filter(F.col("run_date") == "2026-01-02")
     assert day.count() == 300 and day.select("user_id", "rank").distinct().count() == 300
 
@@ -240,7 +254,7 @@ def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark,
     with caplog.at_level("INFO", logger="persona4rec.scoring"):
         score.run(spark, blocked_cfg)
     blocked = recommendations(store)
-    assert re.search(r"scored in 7 item blocks", caplog.text) and "persona blocks written" in caplog.text
+    assert re.search(r"scored in 7 item blocks", caplog.text) and "persona layout written" in caplog.text
     # the layout stays for the next night's run of the same persona_index version, which reuses it
     layouts = {p.parents[2].name for p in (tmp_path / "warehouse").rglob("block-*")}
     assert len(layouts) == 1 and layouts.pop().startswith("persona_index-v")

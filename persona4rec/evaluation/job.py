@@ -8,13 +8,18 @@ Variants (each with the same candidates and protocol, see rankings.py):
   finetuned_blend    α·z(persona) + (1−α)·z(CF) with α chosen on validation NDCG@10 (never test)
   summary_only       items indexed by their summary alone (no reviews), champion encoder
   personas_<n>       only each item's first n personas (the paper's Table 10), champion encoder
-Representation variants (un-tuned encoder; where `review_clusters` exists, i.e. the extractive
-builder — issue 14's measurement of what the texts lose):
+Representation variants (`evaluation.representation_variants`, extractive builder only; un-tuned
+encoder — issue 14's measurement of what the texts lose):
   vanilla_centroid        each persona's vector = the centroid of its cluster's review embeddings
                           (the persona text stays for the explanation); histories as `vanilla`
   vanilla_review_history  persona texts as `vanilla`; each history interaction = the user's own
                           review text (no item summary)
   vanilla_reviews         both
+The review histories read the user's own review of every history interaction, validation ones
+included at test time (they precede the test item); the `vanilla` histories read what the offline
+stages may read, so a validation interaction there is its item summary alone (issue 14, step 3).
+Opt-in because they embed every training and validation review (one pandas call per persona for
+the centroids): a measurement, not a nightly cost.
 Scenarios: all users, warm / cold users (most / least active by training interactions), and
 users whose held-out item is a head / tail item (by training popularity).
 
@@ -106,8 +111,10 @@ class ReviewView:
 
     def centroid_personas(self, personas: DataFrame) -> DataFrame:
         """`personas` (with their text embedding) whose vector is their cluster's centroid where
-        they have one (a persona without member reviews, e.g. summary-only, keeps its text's)."""
+        they have one (a persona without member reviews, e.g. summary-only, keeps its text's);
+        `centroid_of` = 1 where the centroid was taken."""
         return personas.join(self.centroids, "persona_id", "left").withColumn(
+            "centroid_of", F.col("centroid").isNotNull().cast("int")).withColumn(
             "embedding", F.coalesce("centroid", "embedding")).drop("centroid")
 
     def vectors(self, split: str, k: int, gamma: float) -> DataFrame:
@@ -245,13 +252,27 @@ def _evaluate(spark: SparkSession, cfg: Config, layouts: str) -> dict:
               "summary_only": (ft.summaries, "finetuned"),
               **{f"personas_{n}": (ft.personas.filter(F.col("persona_index") < n), "finetuned")
                  for n in ev.persona_caps}}
-    reviews = ReviewView(store, cfg, base) if store.exists(REVIEW_CLUSTERS.name) else None
-    if reviews is not None:
-        centroids = reviews.centroid_personas(encoders["vanilla"].personas)
+    reviews = marked = None
+    if ev.representation_variants:
+        if cfg.offline.persona_builder != "extractive" or not store.exists(REVIEW_CLUSTERS.name):
+            raise InputError("evaluation.representation_variants needs the extractive persona builder's "
+                             "review_clusters (offline.persona_builder: extractive, then build_personas)")
+        reviews = ReviewView(store, cfg, base)
+        marked = reviews.centroid_personas(encoders["vanilla"].personas).persist()
+        covered = marked.filter(F.col("centroid_of") > 0).count()
+        if not covered:
+            raise InputError("review_clusters names none of item_personas' personas: rerun build_personas")
+        log.info("representation variants: %d of %d personas have a review centroid", covered, marked.count())
+        centroids = marked.drop("centroid_of")
         frames.update({"vanilla_centroid": (centroids, "vanilla"),
                        "vanilla_review_history": (encoders["vanilla"].personas, "vanilla_reviews"),
                        "vanilla_reviews": (centroids, "vanilla_reviews")})
-    indexes = {name: variant_index(df, cfg, f"{layouts}/{name}") for name, (df, _) in frames.items()}
+    built: dict[int, ScoringIndex | Prepared] = {}  # one index per persona frame (two variants may share one)
+    indexes = {}
+    for name, (df, _) in frames.items():
+        if id(df) not in built:
+            built[id(df)] = variant_index(df, cfg, f"{layouts}/{name}")
+        indexes[name] = built[id(df)]
     # The rank parts stay lazy until their union is written; what they share is cached until then.
     cached: list[DataFrame] = []
     for split in (VALIDATION, TEST):
@@ -341,5 +362,6 @@ def _evaluate(spark: SparkSession, cfg: Config, layouts: str) -> dict:
         e.release()
     if reviews is not None:
         reviews.release()
+        marked.unpersist()
     log.info("evaluation run %s: %s", run_id, summary)
     return summary

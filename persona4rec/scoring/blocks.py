@@ -164,6 +164,7 @@ def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str
         return done
     writer = f"w-{uuid.uuid4().hex[:12]}"
     target = os.path.join(path, writer)
+    os.makedirs(target, exist_ok=True)
     present = write_blocks(index, blocks, target, dtype) if blocks else []
     if texts:
         explanations(index, max_chars).write.mode("overwrite").parquet(spark_path(os.path.join(target, "explanations")))
@@ -172,7 +173,7 @@ def prepare(index: DataFrame, blocks: int, dtype: str, max_chars: int, path: str
         json.dump({"writer": writer, "blocks": blocks, "present": present, "dtype": dtype, "max_chars": max_chars},
                   fh)
     os.replace(tmp, os.path.join(path, MANIFEST))
-    log.info("persona blocks written to %s (%d blocks, %s)", target, blocks, dtype)
+    log.info("persona layout written to %s (%d blocks, %s%s)", target, blocks, dtype, ", e-mail texts" if texts else "")
     return _read_manifest(path)
 
 

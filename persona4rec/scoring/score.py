@@ -87,6 +87,9 @@ class ScoringIndex:
             names = texts_ = pa.nulls(len(ids), pa.string())
         else:
             at = pc.index_in(ids, texts.column("persona_id").combine_chunks().cast(pa.string()))
+            if at.null_count:
+                log.warning("%d of %d personas have no e-mail text in the layout: they explain with the generic "
+                            "text", at.null_count, len(ids))
             names, texts_ = (texts.column(c).combine_chunks().cast(pa.string()).take(at)
                              for c in ("persona_name", "explanation"))
         slots = pm.slots.ravel()
