@@ -17,9 +17,9 @@ index's model version (e.g. build_index stopped before the interaction embedding
 Scale: users are processed in Arrow batches inside `mapInArrow` — one row per user carrying its
 candidate list and vector — with the persona matrix and the sanitised explanations broadcast
 once (the explanations are computed by Spark once per persona_index version and kept with its
-layout, not in a loop on the driver). List columns are read as flat numpy arrays (no Python object per float, per candidate or
-per user), the vector work is batched numpy (see `rank.py`), the output is assembled with Arrow
-`take`, and memory per task is bounded by the Arrow batch size.
+layout, not in a loop on the driver). List columns are read as flat numpy arrays (no Python
+object per float, per candidate or per user), the vector work is batched numpy (see `rank.py`),
+the output is assembled with Arrow `take`, and memory per task is bounded by the Arrow batch size.
 """
 
 from __future__ import annotations
