@@ -37,9 +37,9 @@ from persona4rec.spark import get_spark
 
 STAGES = ("ingest", "summarise_items", "extract_aspects", "build_personas", "align", "train_encoder",
           "promote_model", "generate_candidates")
-VARIANTS = ("generator", "vanilla", "finetuned", "finetuned_blend", "summary_only", "personas_1", "personas_3",
-            "personas_5", "personas_7", "vanilla_centroid", "vanilla_review_history", "vanilla_reviews")
 REPRESENTATIONS = ("vanilla_centroid", "vanilla_review_history", "vanilla_reviews")  # issue 14's measurement
+VARIANTS = ("generator", "vanilla", "finetuned", "finetuned_blend", "summary_only", "personas_1", "personas_3",
+            "personas_5", "personas_7", *REPRESENTATIONS)
 
 
 def table(summary: dict, ks: tuple[int, ...]) -> str:

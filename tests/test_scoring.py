@@ -273,6 +273,18 @@ def test_item_blocks_give_the_same_recommendations_as_the_broadcast_index(spark,
 
 
 @pytest.mark.spark
+def test_the_broadcast_budget_counts_the_personas_e_mail_texts(spark, tmp_path, caplog):
+    # 25 items × 3 personas: tensor 0.0046 MB (16 dims, float32) fits 0.01 MB; with the texts
+    # (75 × (240 + 120) bytes ≈ 0.026 MB) the broadcast would not: one item block instead.
+    cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", "scoring.index_budget_mb=0.01")
+    synthetic(spark, cfg)
+    with caplog.at_level("INFO", logger="persona4rec.scoring"):
+        assert score.run(spark, cfg)["users"] == 30
+    assert re.search(r"= 0 MB \(float32\) \+ 0 MB of texts > scoring.index_budget_mb 0.01: scored in 1 item blocks",
+                     caplog.text)
+
+
+@pytest.mark.spark
 def test_a_float16_index_scores_within_1e_3_of_float32(spark, tmp_path):
     cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02", "scoring.top_k=12")
     store, _, _ = synthetic(spark, cfg)

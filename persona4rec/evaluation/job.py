@@ -259,10 +259,10 @@ def _evaluate(spark: SparkSession, cfg: Config, layouts: str) -> dict:
                              "review_clusters (offline.persona_builder: extractive, then build_personas)")
         reviews = ReviewView(store, cfg, base)
         marked = reviews.centroid_personas(encoders["vanilla"].personas).persist()
-        covered = marked.filter(F.col("centroid_of") > 0).count()
+        covered, total = marked.agg(F.sum("centroid_of"), F.count("*")).first()
         if not covered:
             raise InputError("review_clusters names none of item_personas' personas: rerun build_personas")
-        log.info("representation variants: %d of %d personas have a review centroid", covered, marked.count())
+        log.info("representation variants: %d of %d personas have a review centroid", covered, total)
         centroids = marked.drop("centroid_of")
         frames.update({"vanilla_centroid": (centroids, "vanilla"),
                        "vanilla_review_history": (encoders["vanilla"].personas, "vanilla_reviews"),

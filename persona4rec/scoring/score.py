@@ -55,6 +55,9 @@ from persona4rec.tables import TableStore
 
 log = logging.getLogger(__name__)
 GENERIC_EXPLANATION = "Popular with customers whose choices resemble yours."
+# Bytes per persona beside its explanation in the broadcast: display name (≤ 60 characters),
+# persona id and Arrow offsets — an upper bound for ASCII texts, used only to size the broadcast.
+TEXT_OVERHEAD_BYTES = 120
 
 
 @dataclass(frozen=True)
@@ -254,8 +257,8 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
     the persona index → the recommendations rows of every user with candidates, in cfg.mode.
     alpha: the blend weight (default: scoring.alpha, which must then be a number).
 
-    The persona index is broadcast while its padded tensor fits `scoring.index_budget_mb` (in
-    `scoring.index_dtype`), else scored in item blocks (blocks.py); both give the same rows. The
+    The persona index is broadcast while its padded tensor (in `scoring.index_dtype`) and its
+    personas' e-mail texts (bounded by `scoring.explanation_max_chars`) fit `scoring.index_budget_mb`, else scored in item blocks (blocks.py); both give the same rows. The
     blocked layout (blocks + e-mail texts) is kept under `blocks_dir` — a folder that names this
     version of the index: a later run with the same index, dtype, budget, text length and code
     (`blocks.layout_code`) reuses it; required when the index is over the budget. On the broadcast
@@ -264,10 +267,13 @@ def recommend(spark: SparkSession, candidates: DataFrame, user_vectors: DataFram
     sc = cfg.scoring
     alpha = float(sc.alpha if alpha is None else alpha)
     megabytes, items, width, d = index_megabytes(index, np.dtype(sc.index_dtype).itemsize)
-    if megabytes > sc.index_budget_mb:
+    # The broadcast carries every persona's id, name and e-mail text beside the tensor: both count.
+    texts_mb = items * width * (sc.explanation_max_chars + TEXT_OVERHEAD_BYTES) / 2 ** 20
+    if megabytes + texts_mb > sc.index_budget_mb:
         blocks = block_count(megabytes, sc.index_budget_mb)
-        log.info("persona index %d items × %d personas × %d dims = %.0f MB (%s) > scoring.index_budget_mb %g: "
-                 "scored in %d item blocks", items, width, d, megabytes, sc.index_dtype, sc.index_budget_mb, blocks)
+        log.info("persona index %d items × %d personas × %d dims = %.0f MB (%s) + %.0f MB of texts > "
+                 "scoring.index_budget_mb %g: scored in %d item blocks", items, width, d, megabytes, sc.index_dtype,
+                 texts_mb, sc.index_budget_mb, blocks)
         if blocks_dir is None:
             raise ValueError(f"the persona index ({megabytes:.0f} MB) is over scoring.index_budget_mb "
                              f"{sc.index_budget_mb:g}: pass blocks_dir, a folder named after this index version")
