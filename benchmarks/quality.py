@@ -2,13 +2,15 @@
 generators it reranks, leave-one-out on the test split, on any supported review dataset.
 
     .venv/bin/python benchmarks/quality.py REVIEWS [--meta META] [--format amazon2014]
-        [--builder extractive|llm] [--max-steps 150] [--out DIR]
+        [--builder extractive|llm] [--max-steps N] [--out DIR] [--set key=value ...]
 
-Runs ingest → summaries → aspects → personas → align → train_encoder → promote_model →
-generate_candidates (ALS and BPR-MF, top 20, `mode=evaluation`) → evaluate in one local Spark
-session with fixed seeds, then prints the table (generator × variant × metric@K, with the relative change over the
+Runs ingest → summaries → aspects → personas → align → generate_candidates (ALS and BPR-MF, top
+20, `mode=evaluation`) → train_encoder → promote_model → evaluate in one local Spark session with
+fixed seeds, on the configured training objective (`train.objective`, default rerank; the paper's
+`--set train.objective=alignment --max-steps 150` is the old default) and persona vectors
+(`profile.persona_vectors`), then prints the table (generator × variant × metric@K, with the relative change over the
 generator) and one JSON line per generator:
-{"bench": "quality", "dataset", "generator", "users", "ndcg10_generator", "ndcg10_vanilla",
+{"bench": "quality", "dataset", "builder", "objective", "persona_vectors", "generator", "users", "ndcg10_generator", "ndcg10_vanilla",
  "ndcg10_finetuned", "ndcg10_blend", "alpha", "hr10_generator", "hr10_finetuned", "ndcg10_gain_ci"}
 (`ndcg10_gain_ci`: paired bootstrap 95% interval of NDCG@10 finetuned / generator), and with the
 extractive builder `ndcg10_vanilla_centroid`, `ndcg10_vanilla_review_history`, `ndcg10_vanilla_reviews`
@@ -35,8 +37,8 @@ from persona4rec.evaluation import job as evaluate
 from persona4rec.llm.embedded import llm_endpoint
 from persona4rec.spark import get_spark
 
-STAGES = ("ingest", "summarise_items", "extract_aspects", "build_personas", "align", "train_encoder",
-          "promote_model", "generate_candidates")
+STAGES = ("ingest", "summarise_items", "extract_aspects", "build_personas", "align", "generate_candidates",
+          "train_encoder", "promote_model")
 REPRESENTATIONS = ("vanilla_centroid", "vanilla_review_history", "vanilla_reviews")  # issue 14's measurement
 VARIANTS = ("generator", "vanilla", "finetuned", "finetuned_blend", "summary_only", "personas_1", "personas_3",
             "personas_5", "personas_7", *REPRESENTATIONS)
@@ -66,7 +68,7 @@ def main() -> None:
     ap.add_argument("--meta")
     ap.add_argument("--format", default="amazon2014")
     ap.add_argument("--builder", choices=("extractive", "llm"), default="extractive")
-    ap.add_argument("--max-steps", type=int, default=150, help="encoder training steps (batch 16)")
+    ap.add_argument("--max-steps", type=int, help="cap on training steps (default: the config's, none)")
     ap.add_argument("--out", help="keep the tables and MLflow store here (default: a temporary folder)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     args = ap.parse_args()
@@ -78,7 +80,7 @@ def main() -> None:
                  f"ingest.items_path={os.path.abspath(args.meta) if args.meta else 'null'}",
                  f"ingest.format={args.format}", f"offline.persona_builder={args.builder}",
                  f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"mlflow.artifact_root={out}/mlruns",
-                 f"train.max_steps={args.max_steps}", "candidates.top_n=20", "candidates.generators=[als,bpr]",
+                 *([f"train.max_steps={args.max_steps}"] if args.max_steps else []), "candidates.top_n=20", "candidates.generators=[als,bpr]",
                  f"evaluation.representation_variants={str(args.builder == 'extractive').lower()}",
                  *args.set]
     cfg = load_config(None, overrides)
@@ -101,7 +103,8 @@ def main() -> None:
     print(f"tables: {out}/warehouse · MLflow: sqlite:///{out}/mlflow.db (run {summary['run_id']})")
     print(table(summary, cfg.evaluation.ks))
     for gen, m in summary["generators"].items():
-        print(json.dumps({"bench": "quality", "dataset": dataset, "builder": args.builder, "generator": gen,
+        print(json.dumps({"bench": "quality", "dataset": dataset, "builder": args.builder,
+                          "objective": cfg.train.objective, "persona_vectors": cfg.profile.persona_vectors, "generator": gen,
                           "users": m["users"], "ndcg10_generator": m["ndcg10_generator"],
                           "ndcg10_vanilla": m["ndcg10_vanilla"], "ndcg10_finetuned": m["ndcg10_finetuned"],
                           "ndcg10_blend": m["ndcg10_finetuned_blend"], "alpha": m["alpha"],

@@ -181,6 +181,16 @@ class ProfileSettings:
     # A user is their last k interactions; the user vector weights them gamma^age (newest = 1).
     k: int = 10
     gamma: float = 0.9
+    # What a persona's vector is (issue 14): `centroid` = the L2-normalised mean of the embeddings
+    # of the interaction texts it explains (its review cluster, or the judge's alignment pairs) —
+    # the same texts, and so the same space, as a user's history; `text` = the embedding of the
+    # persona text (the paper). The persona text is the explanation either way.
+    persona_vectors: Literal["centroid", "text"] = "centroid"
+    # What one interaction's text is (histories and centroids alike): `summary_review` = the item
+    # summary + the user's aspect slots (LLM builders) or an excerpt of their review (extractive);
+    # `review` = the user's own review text alone.
+    interaction_text: Literal["summary_review", "review"] = "summary_review"
+    centroid_members: int = 50  # newest member interactions per persona that its centroid averages
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,20 @@ class TrainSettings:
     # embeddings refreshed each epoch; see trainer.py).
     item_persona_negatives: bool = False
     seed: int = 13
+    # `rerank` (default): a linear head on the frozen encoder trained for what scoring does — rank
+    # the user's next item above the generator's own candidates for that user (listwise, item
+    # score = smooth max over its personas), checkpoint chosen on validation NDCG@10 of the rerank;
+    # `alignment`: the paper's InfoNCE of the judge's aligned persona (LoRA). See training/rerank.py.
+    objective: Literal["rerank", "alignment"] = "rerank"
+    hard_negatives: int = 20  # generator candidates per training example (unseen items only)
+    in_batch_negatives: bool = True  # the other examples' next items join each row's negatives
+    persona_pool: Literal["max", "logsumexp"] = "logsumexp"  # item score over its personas in the loss
+    persona_temperature: float = 0.05  # of the logsumexp smooth max (serving takes the max)
+    rerank_epochs: int = 30
+    rerank_batch_size: int = 1024  # many in-batch negatives: what made the difference on the shared sets
+    rerank_learning_rate: float = 0.003
+    rerank_patience: int = 5  # stop after this many epochs without a better validation NDCG@10
+    max_examples: int = 200_000  # training examples the rerank objective reads (a user-hash sample beyond)
 
 
 @dataclass(frozen=True)
@@ -417,6 +441,14 @@ class Config:
         _check(self.scoring.generator in self.candidates.generators, "scoring.generator", self.scoring.generator,
                f"must be one of candidates.generators {list(self.candidates.generators)}")
         _check(self.profile.k >= 1, "profile.k", self.profile.k, "must be >= 1")
+        _check(self.profile.centroid_members >= 1, "profile.centroid_members", self.profile.centroid_members,
+               "must be >= 1")
+        _check(t.hard_negatives >= 0 and t.max_examples >= 2 and t.rerank_epochs >= 1 and t.rerank_batch_size >= 2
+               and t.rerank_patience >= 1,
+               "train", "hard_negatives/max_examples/rerank_epochs/rerank_batch_size",
+               "hard_negatives must be >= 0, max_examples and rerank_batch_size >= 2, rerank_epochs >= 1")
+        _check(t.persona_temperature > 0 and t.rerank_learning_rate > 0, "train.persona_temperature",
+               t.persona_temperature, "persona_temperature and rerank_learning_rate must be > 0")
         _check(0 < self.profile.gamma <= 1, "profile.gamma", self.profile.gamma, "must be within (0, 1]")
         _check(len(self.scoring.history_splits) >= 1
                and set(self.scoring.history_splits) <= {"train", "validation", "test"},

@@ -34,10 +34,11 @@ STAGES: list[tuple[str, Callable[..., Any], bool]] = [
     ("extract_aspects", aspects.run, True),
     ("build_personas", personas.run, True),
     ("align", align.run, True),
+    # the rerank objective trains and is promoted on the generator's candidates
+    ("generate_candidates", candidates.run, False),
     ("train_encoder", train_encoder.run, False),
     ("promote_model", promote_model.run, False),
     ("build_index", index.run, False),
-    ("generate_candidates", candidates.run, False),
     ("score_users", score.run, False),
 ]
 TABLES = ("reviews", "items", "splits", "rejected_records", "item_summaries", "review_aspects",

@@ -63,7 +63,7 @@ def training_config(tmp_path, *extra):
     return make_config(tmp_path, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
                        f"mlflow.artifact_root={tmp_path / 'mlruns'}", "train.max_seq_length=32",
                        "train.epochs=3", "train.batch_size=8", "train.learning_rate=0.001",
-                       "train.validation_fraction=0.25", "profile.k=5", *extra)
+                       "train.validation_fraction=0.25", "profile.k=5", "train.objective=alignment", *extra)
 
 
 @pytest.mark.unit

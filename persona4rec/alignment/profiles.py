@@ -13,7 +13,6 @@ from pyspark.sql import functions as F
 
 from persona4rec.config import Config
 from persona4rec.ingest.transform import kept_interactions
-from persona4rec.offline.common import usable_reviews
 from persona4rec.schemas import (ASPECT_SLOTS, ITEM_ID, ITEM_SUMMARIES, REVIEW_ASPECTS, REVIEWS, SPLIT, SPLITS, TRAIN,
                                  TS, USER_ID)
 from persona4rec.tables import TableStore
@@ -32,13 +31,19 @@ def interaction_text_col(summary: Column, aspects: dict[str, Column]) -> Column:
 
 
 def interaction_texts(interactions: DataFrame, summaries: DataFrame, aspects: DataFrame | None,
-                      reviews: DataFrame | None = None) -> DataFrame:
+                      reviews: DataFrame | None = None, review_only: bool = False) -> DataFrame:
     """One text per interaction (user_id, item_id, ts, seq, split rows, any split): user_id,
     item_id, ts, seq, split, text. With `reviews` instead of aspects (the extractive builder), the
-    user's own review excerpt stands where the aspect slots would."""
+    user's own review excerpt stands where the aspect slots would; `review_only`: the user's own
+    review, whole (the encoder cuts it at train.max_seq_length tokens), the summary where there is
+    no review text."""
     rows = interactions.join(summaries.select(ITEM_ID, "summary"), ITEM_ID, "left")
     summary = F.coalesce(F.col("summary"), F.concat(F.lit("Item "), F.col(ITEM_ID)))
-    if reviews is not None:
+    if review_only:
+        said = reviews.select(USER_ID, ITEM_ID, F.trim(F.regexp_replace("review_text", r"\s+", " ")).alias("_said"))
+        rows = rows.join(said, [USER_ID, ITEM_ID], "left")
+        text = F.when(F.coalesce(F.col("_said"), F.lit("")) == "", summary).otherwise(F.col("_said"))
+    elif reviews is not None:
         said = reviews.select(USER_ID, ITEM_ID, F.substring(F.regexp_replace("review_text", r"\s+", " "), 1,
                                                             REVIEW_EXCERPT_CHARS).alias("_said"))
         rows = rows.join(said, [USER_ID, ITEM_ID], "left")
@@ -59,10 +64,19 @@ def stored_interactions(store: TableStore) -> DataFrame:
 
 def stored_interaction_texts(store: TableStore, cfg: Config) -> DataFrame:
     """interaction_texts of every kept interaction over the stored tables, for the configured
-    persona builder. Leave-one-out consumers filter by split; production reads them all."""
+    persona builder and `profile.interaction_text`: the one function behind the texts of training
+    examples, alignment profiles, persona centroids, evaluation and scoring (issue 14, step 3).
+    Leave-one-out consumers filter by split; production reads them all.
+
+    An interaction's text is the user's own record of it, so it reads the user's review whatever
+    the split: a validation interaction is history when the test item is scored (as in
+    production, where the newest reviews weigh most), and the held-out item's own text is never in
+    its own history. (Persona building, not this, is what must not read held-out reviews.)"""
     interactions, summaries = stored_interactions(store), store.read(ITEM_SUMMARIES.name)
+    if cfg.profile.interaction_text == "review":
+        return interaction_texts(interactions, summaries, None, store.read(REVIEWS.name), review_only=True)
     if cfg.offline.persona_builder == "extractive":
-        return interaction_texts(interactions, summaries, None, usable_reviews(store, cfg))
+        return interaction_texts(interactions, summaries, None, store.read(REVIEWS.name))
     aspects = store.read(REVIEW_ASPECTS.name) if store.exists(REVIEW_ASPECTS.name) else None
     return interaction_texts(interactions, summaries, aspects)
 

@@ -1,6 +1,8 @@
 """Job `evaluate`: the paper's offline evaluation (leave-one-out, HR/MRR/NDCG@K) of every
 reranker variant against the CF generator it reranks, on the validation and test splits.
 
+Persona vectors are what scoring serves (`profile.persona_vectors`, scoring/personas.py: by
+default each persona's centroid of the interactions it explains, under the variant's encoder).
 Variants (each with the same candidates and protocol, see rankings.py):
   generator          the CF order itself
   vanilla            persona rerank (α = 1) with the un-tuned base encoder
@@ -10,14 +12,14 @@ Variants (each with the same candidates and protocol, see rankings.py):
   personas_<n>       only each item's first n personas (the paper's Table 10), champion encoder
 Representation variants (`evaluation.representation_variants`, extractive builder only; un-tuned
 encoder — issue 14's measurement of what the texts lose):
-  vanilla_centroid        each persona's vector = the centroid of its cluster's review embeddings
-                          (the persona text stays for the explanation); histories as `vanilla`
+  vanilla_centroid        each persona's vector = the centroid of its cluster's raw review
+                          embeddings (the persona text stays for the explanation); histories as `vanilla`
   vanilla_review_history  persona texts as `vanilla`; each history interaction = the user's own
                           review text (no item summary)
   vanilla_reviews         both
-The review histories read the user's own review of every history interaction, validation ones
-included at test time (they precede the test item); the `vanilla` histories read what the offline
-stages may read, so a validation interaction there is its item summary alone (issue 14, step 3).
+Every history reads the user's own record of each history interaction, validation ones included
+at test time (they precede the test item): the review whole here, `profile.interaction_text`
+(stored_interaction_texts, the same texts training and scoring read) in the other variants.
 Opt-in because they embed every training and validation review (one pandas call per persona for
 the centroids): a measurement, not a nightly cost.
 Scenarios: all users, warm / cold users (most / least active by training interactions), and
@@ -49,9 +51,10 @@ from persona4rec.errors import InputError
 from persona4rec.evaluation.bootstrap import ratio_interval
 from persona4rec.evaluation.metrics import metric_columns, spark_metrics
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
-from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_PERSONAS,
-                                 ITEM_SUMMARIES, REVIEW_CLUSTERS, REVIEWS, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
+from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_SUMMARIES,
+                                 REVIEW_CLUSTERS, REVIEWS, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder, untuned_encoder
+from persona4rec.scoring.personas import centroids, persona_vectors, with_centroids
 from persona4rec.scoring.blocks import Prepared, block_count, index_megabytes, prepare
 from persona4rec.scoring.window import vector_inputs
 from persona4rec.scoring.score import ScoringIndex, scoring_index
@@ -69,9 +72,7 @@ class Embedded:
 
     def __init__(self, store: TableStore, cfg: Config, ref: EncoderRef):
         self.ref = ref
-        personas = store.read(ITEM_PERSONAS.name).select(
-            ITEM_ID, "persona_id", "persona_index", "name", "description", "preference_rationale", "persona_text")
-        self.personas = embed_column(personas, "persona_text", ref).persist()
+        self.personas = persona_vectors(store, cfg, ref).persist()  # profile.persona_vectors
         summaries = store.read(ITEM_SUMMARIES.name).select(
             ITEM_ID, F.concat(F.col(ITEM_ID), F.lit("#summary")).alias("persona_id"), F.lit(0).alias("persona_index"),
             F.lit("Item summary").alias("name"), F.col("summary").alias("description"),
@@ -113,9 +114,7 @@ class ReviewView:
         """`personas` (with their text embedding) whose vector is their cluster's centroid where
         they have one (a persona without member reviews, e.g. summary-only, keeps its text's);
         `centroid_of` = 1 where the centroid was taken."""
-        return personas.join(self.centroids, "persona_id", "left").withColumn(
-            "centroid_of", F.col("centroid").isNotNull().cast("int")).withColumn(
-            "embedding", F.coalesce("centroid", "embedding")).drop("centroid")
+        return with_centroids(personas.drop("centroid_of"), self.centroids)
 
     def vectors(self, split: str, k: int, gamma: float) -> DataFrame:
         return compute_user_vectors(self.reviews.filter(F.col(SPLIT).isin(*HISTORY[split])), k, gamma)
@@ -128,18 +127,7 @@ class ReviewView:
 def persona_centroids(reviews: DataFrame, clusters: DataFrame) -> DataFrame:
     """persona_id, centroid: the L2-normalised mean embedding of the reviews (user_id, item_id,
     embedding) that review_clusters (user_id, item_id, persona_id) puts in each persona's cluster."""
-    members = reviews.join(clusters.select(USER_ID, ITEM_ID, "persona_id"), [USER_ID, ITEM_ID])
-    return members.select("persona_id", "embedding").groupBy("persona_id").applyInPandas(
-        _centroid, "persona_id string, centroid array<float>")
-
-
-def _centroid(pdf):
-    import pandas as pd
-
-    mean = np.stack(pdf["embedding"].to_numpy()).astype(np.float64).mean(axis=0)
-    norm = np.linalg.norm(mean)
-    return pd.DataFrame({"persona_id": [pdf["persona_id"].iloc[0]],
-                         "centroid": [(mean / norm if norm > 0 else mean).astype(np.float32)]})
+    return centroids(reviews.join(clusters.select(USER_ID, ITEM_ID, "persona_id"), [USER_ID, ITEM_ID]))
 
 
 def variant_index(personas: DataFrame, cfg: Config, folder: str) -> ScoringIndex | Prepared:

@@ -1,7 +1,10 @@
 """Job `build_index`: the persona-profiled item index and the interaction embedding cache.
 
-Both are embedded with the scoring encoder (`@champion`, else the un-tuned one) and carry its
-version in every row. Only what is new is embedded: a persona whose id (which hashes its text)
+A persona's vector is what `profile.persona_vectors` says (scoring/personas.py: by default the
+centroid of the interactions it explains, recomputed every run — at most
+`profile.centroid_members` texts per persona — since it moves with its members). Both tables are
+embedded with the scoring encoder (`@champion`, else the un-tuned one) and carry its
+version in every row. Only what is new is embedded: a text persona whose id (which hashes its text)
 and model version are already indexed is kept; an interaction whose text hash and model version
 are already cached is kept; a new interaction adds one row. A new model version re-embeds all.
 
@@ -23,6 +26,7 @@ from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.config import Config
 from persona4rec.schemas import INTERACTION_EMBEDDINGS, ITEM_ID, ITEM_PERSONAS, PERSONA_INDEX, USER_ID
 from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder
+from persona4rec.scoring.personas import persona_vectors
 from persona4rec.scoring.window import WINDOW_PROPERTY, vector_inputs, window_value
 from persona4rec.tables import TableStore
 
@@ -38,9 +42,11 @@ def _reuse(store: TableStore, table: str, current: DataFrame, keys: list[str], v
     return current.join(done.select(*keys), keys, "left_anti"), keep
 
 
-def index_personas(store: TableStore, ref: EncoderRef) -> tuple[DataFrame, int]:
+def index_personas(store: TableStore, cfg: Config, ref: EncoderRef) -> tuple[DataFrame, int]:
     personas = store.read(ITEM_PERSONAS.name).select(
         "persona_id", ITEM_ID, "persona_index", "name", "description", "preference_rationale", "persona_text")
+    if cfg.profile.persona_vectors == "centroid":  # a centroid moves with its members: all recomputed
+        return persona_vectors(store, cfg, ref, personas).select(PERSONA_INDEX.columns), personas.count()
     todo, keep = _reuse(store, PERSONA_INDEX.name, personas, ["persona_id"], ref.version)
     n = todo.count()
     fresh = embed_column(todo, "persona_text", ref).select(PERSONA_INDEX.columns)
@@ -62,7 +68,7 @@ def embed_interactions(store: TableStore, cfg: Config, ref: EncoderRef) -> tuple
 def run(spark: SparkSession, cfg: Config) -> dict:
     store = TableStore(spark, cfg)
     ref = resolve_encoder(cfg)
-    personas, n_personas = index_personas(store, ref)
+    personas, n_personas = index_personas(store, cfg, ref)
     w1 = store.upsert(personas.repartition(spark.sparkContext.defaultParallelism), PERSONA_INDEX, delete_missing=True)
     interactions, n_inter = embed_interactions(store, cfg, ref)
     w2 = store.upsert(interactions.repartition(spark.sparkContext.defaultParallelism), INTERACTION_EMBEDDINGS,

@@ -1,5 +1,12 @@
 """Job `train_encoder`: fine-tune the encoder as an MLflow run and register it as `@challenger`.
 
+`train.objective: rerank` (the default, training/rerank.py) trains a linear head on the frozen
+encoder to rank each user's next item above the CF generator's candidates, and keeps the epoch
+with the best validation NDCG@10 of that rerank; the run logs the per-epoch validation curve (epoch
+0 = the un-tuned encoder), the generator's own NDCG@10 on the same lists, the blend α per
+generator (also tagged on the model version, for `scoring.alpha: auto`), and registers the encoder
+with its head. `train.objective: alignment` is the paper's objective, described below.
+
 The run logs every setting that matters (never secrets), the loss and learning rate per step,
 validation loss and top-1 persona accuracy per epoch (and of the un-tuned encoder, as step 0), a
 loss-curve plot, the resolved config, and the Delta versions of the tables it read. The merged
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -25,7 +33,7 @@ from persona4rec.config import Config, to_dict
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS
 from persona4rec.tables import TableStore
 from persona4rec.training.encoder import add_lora, load_encoder, merge_lora
-from persona4rec.training.registry import CHALLENGER, register, setup_mlflow
+from persona4rec.training.registry import CHALLENGER, register, set_blend_alpha, setup_mlflow
 from persona4rec.training.source import open_examples
 from persona4rec.training.trainer import evaluate, train
 
@@ -73,6 +81,8 @@ def run(spark: SparkSession, cfg: Config) -> TrainReport:
 def fit(spark: SparkSession, cfg: Config):
     """Train, log and register; returns (report, the in-memory merged model)."""
     store = TableStore(spark, cfg)
+    if cfg.train.objective == "rerank":
+        return _fit_rerank(store, cfg)
     with open_examples(store, cfg) as (train_set, val_set):
         return _fit(store, cfg, train_set, val_set)
 
@@ -124,3 +134,100 @@ def _fit(store: TableStore, cfg: Config, train_set, val_set):
     report = TrainReport(active.info.run_id, version, len(train_set), len(val_set), baseline, final,
                          result.steps, round(result.seconds, 2))
     return report, model
+
+
+def curve_plot(curve: list[dict], path: str) -> None:
+    """Validation NDCG@10 per epoch (pure rerank per generator, and the generator itself)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = [c["epoch"] for c in curve]
+    for g in sorted(curve[0]["generators"]):
+        line, = ax.plot(epochs, [c["generators"][g]["pure"] for c in curve], "o-", label=f"rerank over {g}")
+        own = curve[0]["generators"][g]["generator"]
+        if own is not None:
+            ax.axhline(own, ls="--", color=line.get_color(), label=f"{g} alone")
+    ax.set_xlabel("epoch (0 = un-tuned)")
+    ax.set_ylabel("validation NDCG@10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def epoch_metrics(m: dict) -> dict[str, float]:
+    """One epoch's figures as flat MLflow metric names."""
+    out = {"val_ndcg10": m["selection"]}
+    if "train_loss" in m:
+        out["train_loss"] = m["train_loss"]
+    for g, v in m["generators"].items():
+        out[f"val_ndcg10_{g}"] = v["pure"]
+        out[f"val_blend_ndcg10_{g}"] = v["best_blend"]
+    return {k: x for k, x in out.items() if x is not None and not math.isnan(x)}
+
+
+def _fit_rerank(store: TableStore, cfg: Config):
+    """train.objective=rerank (training/rerank.py): a linear head on the frozen encoder, trained
+    on the generator's candidates, the epoch with the best validation NDCG@10 kept."""
+    from persona4rec.training import lists, rerank
+    from persona4rec.training.encoder import embed
+
+    s = cfg.train
+    data = lists.collect(store, cfg)
+    inputs = {name: store.version(name) for name in
+              (ALIGNMENT_PAIRS.name, ITEM_PERSONAS.name, ITEM_SUMMARIES.name, REVIEW_ASPECTS.name, "splits",
+               "review_clusters", "candidates") if store.exists(name)}
+    client = setup_mlflow(cfg)
+    model = load_encoder(s.base_model, s.device, s.max_seq_length)
+    started = time.time()
+    E = embed(model, data.texts, batch_size=128)
+    embed_seconds = time.time() - started
+    alphas = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0}))
+    with mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as active:
+        params = {f"train.{k}": v for k, v in asdict(s).items()}
+        params.update({"profile.k": cfg.profile.k, "profile.gamma": cfg.profile.gamma,
+                       "profile.persona_vectors": cfg.profile.persona_vectors,
+                       "profile.centroid_members": cfg.profile.centroid_members,
+                       "offline.persona_builder": cfg.offline.persona_builder, "train_examples": len(data.train),
+                       "validation_lists": len(data.validation), "validation_protocol": data.validation.protocol,
+                       "texts_embedded": len(data.texts)})
+        mlflow.log_params(params)
+        mlflow.set_tags({f"input.{k}.delta_version": v for k, v in inputs.items()})
+        result = rerank.fit(E, data, s, cfg.profile.gamma, alphas,
+                            on_epoch=lambda epoch, m: mlflow.log_metrics(epoch_metrics(m), step=epoch))
+        baseline, best = result.curve[0], result.curve[result.best_epoch]
+        for g, m in baseline["generators"].items():
+            if m["generator"] is not None:
+                mlflow.log_metric(f"val_generator_ndcg10_{g}", m["generator"])
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds,
+                            "embed_seconds": embed_seconds, "best_val_ndcg10": best["selection"],
+                            "untuned_val_ndcg10": baseline["selection"]})
+        with tempfile.TemporaryDirectory() as tmp:
+            curve_plot(result.curve, os.path.join(tmp, "validation_ndcg10.png"))
+            with open(os.path.join(tmp, "config.yaml"), "w") as fh:
+                yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+            with open(os.path.join(tmp, "input_versions.json"), "w") as fh:
+                json.dump(inputs, fh, indent=2)
+            with open(os.path.join(tmp, "validation_curve.json"), "w") as fh:
+                json.dump(result.curve, fh, indent=1)
+            mlflow.log_artifacts(tmp)
+        served = rerank.with_head(model, result.head)
+        version = register(cfg, client, served, [data.texts[0]],
+                           {"profile_k": cfg.profile.k, "profile_gamma": cfg.profile.gamma, "objective": "rerank",
+                            "validation_ndcg10": best["selection"]})
+        client.set_model_version_tag(cfg.mlflow.registered_model, version, "validation_ndcg10", str(best["selection"]))
+        client.set_model_version_tag(cfg.mlflow.registered_model, version, "objective", "rerank")
+        for g, m in best["generators"].items():
+            if m["generator"] is not None:  # the α this head is best blended at, for scoring.alpha=auto
+                set_blend_alpha(cfg, client, version, g, m["best_alpha"])
+        log.info("registered %s version %s as @%s (run %s): validation NDCG@10 %.5f at epoch %d (un-tuned %.5f)",
+                 cfg.mlflow.registered_model, version, CHALLENGER, active.info.run_id, best["selection"],
+                 result.best_epoch, baseline["selection"])
+    summary = lambda m: {"val_ndcg10": m["selection"], **{f"val_ndcg10_{g}": v["pure"] for g, v in m["generators"].items()},
+                         **{f"val_generator_ndcg10_{g}": v["generator"] for g, v in m["generators"].items()}}
+    report = TrainReport(active.info.run_id, version, len(data.train), len(data.validation), summary(baseline),
+                         {"best_epoch": result.best_epoch, **summary(best)}, result.steps, round(result.seconds, 2))
+    return report, served

@@ -1,6 +1,18 @@
 """Job `promote_model`: move `@champion` to `@challenger` only when the challenger is better.
 
-Both models are scored on the same held-out validation pairs (users the training never saw; the
+On ranking quality (the default, `train.objective: rerank` — issue 14): the challenger, the
+champion and the un-tuned base encoder each rerank the same validation lists (training/lists.py:
+each user's validation item among the generator's candidates, as `evaluate` measures it) and are
+compared on NDCG@10 of the pure rerank (mean over the generators). The challenger is promoted only
+if (1) it beats the champion by more than `mlflow.promotion_margin` (or there is none), (2) it is
+not below the un-tuned encoder, and (3) where the generator's own ranks are known (leave-one-out
+lists: evaluation-mode candidates exist), its rerank at the α it will be served with
+(`scoring.alpha`, or for `auto` the α chosen on validation and tagged on the version) is not below
+any generator's NDCG@10: a model that makes the e-mails worse than the generator alone never
+becomes champion. Lists of a production run carry no generator rank of the held-out item (the
+`sampled` protocol): check (3) is then skipped and the decision says so.
+
+With `train.objective: alignment` both models are scored on the same held-out validation pairs (users the training never saw; the
 split is the deterministic one of `train.seed` and `train.validation_fraction`) by top-1 persona
 accuracy. Ties and small gains within `mlflow.promotion_margin` keep the current champion. The
 decision, both scores and both versions are recorded as an MLflow run and as tags on the
@@ -18,7 +30,7 @@ from pyspark.sql import SparkSession
 
 from persona4rec.config import Config
 from persona4rec.tables import TableStore
-from persona4rec.training.registry import CHALLENGER, CHAMPION, alias_version, load_alias, setup_mlflow
+from persona4rec.training.registry import CHALLENGER, CHAMPION, alias_version, blend_alpha, load_alias, setup_mlflow
 from persona4rec.training.source import open_examples
 from persona4rec.training.trainer import evaluate
 
@@ -49,11 +61,50 @@ def decide(challenger: float, champion: float | None, margin: float) -> tuple[bo
     return False, f"challenger {challenger:.4f} does not beat champion {champion:.4f} by more than {margin}"
 
 
+def decide_ranking(challenger: dict, champion: dict | None, untuned: dict, alphas: dict[str, float],
+                   margin: float) -> tuple[bool, str]:
+    """Ranking gate (see the module docstring). Each argument is `rerank.validate`'s output;
+    `alphas`: the α each generator will be served with."""
+    score = challenger["selection"]
+    if math.isnan(score):
+        return False, "challenger has no validation score"
+    for g, m in sorted(challenger["generators"].items()):
+        if m["generator"] is None:
+            continue
+        alpha = alphas.get(g, 1.0)
+        served = m["blend"].get(alpha)
+        if served is None:
+            return False, f"no validation score for {g} at the served alpha {alpha}"
+        if served < m["generator"]:
+            return False, (f"challenger's rerank of {g} at alpha {alpha} ({served:.4f}) is below {g} alone "
+                           f"({m['generator']:.4f}) on validation NDCG@10")
+    if score < untuned["selection"]:
+        return False, f"challenger {score:.4f} is below the un-tuned encoder {untuned['selection']:.4f}"
+    unchecked = "" if any(m["generator"] is not None for m in challenger["generators"].values()) else \
+        " (generator not compared: no evaluation-mode candidates, sampled lists)"
+    if champion is None:
+        return True, "no champion yet" + unchecked
+    if score > champion["selection"] + margin:
+        return True, f"challenger beats champion by {score - champion['selection']:.4f} > margin {margin}" + unchecked
+    return False, (f"challenger {score:.4f} does not beat champion {champion['selection']:.4f} by more than "
+                   f"{margin}")
+
+
+def served_alphas(cfg: Config, version: str, generators) -> dict[str, float]:
+    """The α each generator's e-mails will blend with when `version` serves."""
+    if cfg.scoring.alpha != "auto":
+        return {g: float(cfg.scoring.alpha) for g in generators}
+    chosen = {g: blend_alpha(cfg, version, g) for g in generators}
+    return {g: 1.0 if a is None else a for g, a in chosen.items()}
+
+
 def run(spark: SparkSession, cfg: Config) -> Decision:
     client = setup_mlflow(cfg)
     name = cfg.mlflow.registered_model
     if alias_version(client, name, CHALLENGER) is None:
         raise LookupError(f"no @{CHALLENGER} version of '{name}' at {cfg.tracking_uri()}: run train_encoder first")
+    if cfg.train.objective == "rerank":
+        return _decide_ranking(spark, cfg, client, name)
     with open_examples(TableStore(spark, cfg), cfg, validation_only=True) as (_, val_set):
         return _decide(cfg, client, name, val_set)
 
@@ -81,6 +132,61 @@ def _decide(cfg: Config, client, name: str, val_set) -> Decision:
     tags = {"promotion_decision": "promoted" if promoted else "refused", "promotion_reason": reason,
             "promotion_challenger_score": str(score.get(CHALLENGER)),
             "promotion_champion_score": str(score.get(CHAMPION))}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, versions[CHALLENGER], key, value)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, versions[CHALLENGER])
+    log.info("promotion of %s v%s: %s (%s)", name, versions[CHALLENGER], tags["promotion_decision"], reason)
+    return decision
+
+
+def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Decision:
+    from persona4rec.training import lists, rerank
+    from persona4rec.training.encoder import embed, load_encoder
+
+    data = lists.collect(TableStore(spark, cfg), cfg, validation_only=True)
+    grid = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0}))
+
+    def measure(model) -> dict:
+        import torch
+
+        E = torch.from_numpy(embed(model, data.texts, batch_size=128))
+        return rerank.validate(E, None, data, cfg.profile.gamma, grid)
+
+    results, versions = {}, {}
+    for alias in (CHALLENGER, CHAMPION):
+        model, versions[alias] = load_alias(cfg, alias)
+        if model is not None:
+            results[alias] = measure(model)
+    s = cfg.train
+    results["untuned"] = measure(load_encoder(s.base_model, s.device, s.max_seq_length))
+    generators = sorted(results[CHALLENGER]["generators"])
+    alphas = served_alphas(cfg, versions[CHALLENGER], generators)
+    if versions[CHALLENGER] == versions[CHAMPION]:
+        promoted, reason = False, "challenger is already the champion"
+    else:
+        promoted, reason = decide_ranking(results[CHALLENGER], results.get(CHAMPION), results["untuned"], alphas,
+                                          cfg.mlflow.promotion_margin)
+    score = {k: v["selection"] for k, v in results.items()}
+    decision = Decision(promoted, reason, versions[CHALLENGER], versions[CHAMPION], score[CHALLENGER],
+                        score.get(CHAMPION), metric="validation_ndcg10")
+    flat = {f"{who}_val_ndcg10": v for who, v in score.items() if not math.isnan(v)}
+    for who, r in results.items():
+        for g, m in r["generators"].items():
+            flat[f"{who}_val_ndcg10_{g}"] = m["pure"]
+            flat[f"{who}_val_served_ndcg10_{g}"] = m["blend"].get(alphas.get(g, 1.0), m["pure"])
+            if m["generator"] is not None:
+                flat[f"generator_val_ndcg10_{g}"] = m["generator"]
+    with mlflow.start_run(run_name="promote"):
+        mlflow.log_params({"challenger_version": versions[CHALLENGER], "champion_version": versions[CHAMPION],
+                           "margin": cfg.mlflow.promotion_margin, "validation_lists": len(data.validation),
+                           "validation_protocol": data.validation.protocol,
+                           **{f"served_alpha_{g}": a for g, a in alphas.items()}})
+        mlflow.log_metrics({k: v for k, v in flat.items() if not math.isnan(v)})
+        mlflow.set_tags({"decision": "promoted" if promoted else "refused", "reason": reason})
+    tags = {"promotion_decision": "promoted" if promoted else "refused", "promotion_reason": reason,
+            "promotion_metric": "validation_ndcg10", "promotion_challenger_score": str(score[CHALLENGER]),
+            "promotion_champion_score": str(score.get(CHAMPION)), "promotion_untuned_score": str(score["untuned"])}
     for key, value in tags.items():
         client.set_model_version_tag(name, versions[CHALLENGER], key, value)
     if promoted:

@@ -1,0 +1,276 @@
+"""The rerank objective (training/rerank.py), its data (training/lists.py) and the ranking gate.
+
+The learnable synthetic task: users follow one of three hidden themes; their reviews name a sport,
+an item's persona names a colour, and the sport → colour mapping is arbitrary. The un-tuned
+encoder cannot know it; the generator's candidates are in random order. A head trained on the
+generator's candidates learns to put the user's colour first.
+"""
+
+import random
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_config
+from persona4rec.config import TrainSettings
+from persona4rec.schemas import CANDIDATES, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEWS, SPLITS
+from persona4rec.tables import TableStore
+from persona4rec.training import rerank
+from persona4rec.training.lists import LEAVE_ONE_OUT, SAMPLED, Catalog, Examples, Lists, RerankData, Validation, \
+    _csr
+from persona4rec.training.promote import decide_ranking
+
+SPORTS = ["tennis", "sailing", "climbing"]
+COLOURS = ["crimson", "teal", "amber"]
+
+
+def lists_of(rows) -> Lists:
+    return Lists(_csr([len(r) for r in rows]), np.array([v for r in rows for v in r], dtype=np.int64))
+
+
+def toy_data(rng: np.random.Generator, d=16, users=90, items=18, noise=0.15):
+    """RerankData over random base embeddings: theme t's history texts lie near a_t, colour c's
+    member texts near b_c, users of theme t buy colour (t + 1) % 3 — a linear map learns it."""
+    a, b = rng.normal(size=(3, d)), rng.normal(size=(3, d))
+    texts, E = [], []
+
+    def text(centre):
+        v = centre + noise * rng.normal(size=d)
+        texts.append(f"t{len(texts)}")
+        E.append(v / np.linalg.norm(v))
+        return len(texts) - 1
+
+    colour = np.arange(items) % 3
+    catalog = Catalog([f"I{i}" for i in range(items)], _csr([1] * items), _csr([3] * items),
+                      np.array([text(b[colour[i]]) for i in range(items) for _ in range(3)], dtype=np.int64))
+    ex_user, hist, pos, negs, owned, v_hist, v_cands, v_target = [], [], [], [], [], [], [], []
+    for u in range(users):
+        t = u % 3
+        mine = rng.permutation(np.flatnonzero(colour == (t + 1) % 3))[:5]
+        others = np.flatnonzero(colour != (t + 1) % 3)
+        h = [text(a[t]) for _ in range(4)]
+        for j in (2, 3):  # training examples: items 2 and 3 after the ones before
+            ex_user.append(u)
+            hist.append(h[:j])
+            pos.append(mine[j])
+            negs.append(list(rng.choice(others, 6, replace=False)))
+        owned.append(list(mine))
+        cands = list(rng.permutation(np.concatenate([[mine[4]], rng.choice(others, 9, replace=False)])))
+        v_hist.append(h)
+        v_cands.append(cands)
+        v_target.append(cands.index(mine[4]))
+    train = Examples(np.array(ex_user), lists_of(hist), np.array(pos), lists_of(negs), lists_of(owned))
+    cf = [list(np.linspace(1, 0, len(c))) for c in v_cands]
+    val = Validation(["als"] * users, lists_of(v_hist), lists_of(v_cands),
+                     Lists(_csr([len(c) for c in cf]), np.array([x for c in cf for x in c])), np.array(v_target),
+                     LEAVE_ONE_OUT)
+    return RerankData(texts, catalog, train, val), np.array(E, dtype=np.float32)
+
+
+@pytest.mark.unit
+def test_the_rerank_head_learns_what_the_untuned_encoder_cannot_and_keeps_the_best_epoch():
+    data, E = toy_data(np.random.default_rng(0))
+    s = TrainSettings(rerank_epochs=15, rerank_batch_size=16, rerank_learning_rate=0.01, rerank_patience=15)
+    result = rerank.fit(E, data, s, 0.9, (0.0, 0.5, 1.0))
+    first, best = result.curve[0], result.curve[result.best_epoch]
+    assert first["generators"]["als"]["pure"] < 0.5 < best["generators"]["als"]["pure"], result.curve
+    assert best["selection"] == max(c["selection"] for c in result.curve)
+    assert result.curve[1]["train_loss"] > result.curve[-1]["train_loss"]
+    # the kept head is the best epoch's: validating with it reproduces that epoch's figure
+    again = rerank.validate(torch.from_numpy(E), torch.from_numpy(result.head), data, 0.9, (1.0,))
+    assert again["selection"] == pytest.approx(best["selection"])
+
+
+@pytest.mark.unit
+def test_no_epoch_better_than_the_untuned_encoder_keeps_the_identity_head():
+    data, E = toy_data(np.random.default_rng(1))
+    s = TrainSettings(rerank_epochs=2, rerank_batch_size=16, rerank_learning_rate=1e-9, rerank_patience=1)
+    result = rerank.fit(E, data, s, 0.9, (1.0,))
+    assert result.best_epoch == 0 and np.array_equal(result.head, np.eye(E.shape[1], dtype=np.float32))
+
+
+@pytest.mark.unit
+def test_validation_ranks_by_the_max_over_personas_and_ties_keep_the_generators_order():
+    # one user (history: text 0), three candidates in the generator's order; item 2 has two
+    # personas, one of them equal to the user: its max is 1, the others score lower.
+    E = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0], [0.0, -1.0]])
+    catalog = Catalog(["A", "B", "C"], _csr([1, 1, 2]), _csr([1, 1, 1, 1]), np.array([1, 2, 4, 3]))
+
+    def data(target, cf):
+        val = Validation(["g"], lists_of([[0]]), lists_of([[0, 1, 2]]), Lists(_csr([3]), np.array(cf, dtype=float)),
+                         np.array([target]), LEAVE_ONE_OUT)
+        return RerankData([], catalog, None, val)
+
+    m = rerank.validate(E, None, data(2, [3.0, 2.0, 1.0]), 0.9, (0.0, 1.0))["generators"]["g"]
+    assert m["pure"] == pytest.approx(1.0)  # C (max over its personas = 1.0) ranks first
+    assert m["generator"] == pytest.approx(1 / np.log2(4))  # third in the generator's order
+    assert m["blend"][0.0] == pytest.approx(m["generator"])  # α = 0 is the generator's order
+    # A and B tie at 0 with a user vector orthogonal to both: the generator's order breaks it
+    E2 = E.clone()
+    E2[0] = torch.tensor([0.7071, -0.7071])
+    E2[1], E2[2] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, -1.0])
+    tie = rerank.validate(E2, None, data(1, [3.0, 2.0, 1.0]), 0.9, (1.0,))["generators"]["g"]
+    assert tie["pure"] == pytest.approx(1 / np.log2(3))  # B behind A (same score, A first) = rank 2
+    missed = rerank.validate(E, None, data(-1, [3.0, 2.0, 1.0]), 0.9, (1.0,))["generators"]["g"]
+    assert missed["pure"] == 0 and missed["generator"] == 0
+
+
+def metrics(pure, blend, generator, selection=None):
+    return {"selection": pure if selection is None else selection,
+            "generators": {"als": {"pure": pure, "blend": {1.0: pure, **blend}, "generator": generator}}}
+
+
+@pytest.mark.unit
+def test_the_gate_refuses_a_challenger_below_the_generator_at_the_served_alpha():
+    untuned = metrics(0.02, {}, 0.05)
+    # pure rerank below ALS: refused when served pure ...
+    ok, reason = decide_ranking(metrics(0.04, {0.5: 0.06}, 0.05), None, untuned, {"als": 1.0}, 0.0)
+    assert not ok and "below als alone" in reason
+    # ... promoted when served at the α whose blend beats ALS
+    ok, reason = decide_ranking(metrics(0.04, {0.5: 0.06}, 0.05), None, untuned, {"als": 0.5}, 0.0)
+    assert ok and reason == "no champion yet"
+    # below the un-tuned encoder; not better than the champion; no generator ranks (sampled lists)
+    ok, reason = decide_ranking(metrics(0.06, {}, 0.05), None, metrics(0.07, {}, 0.05), {"als": 1.0}, 0.0)
+    assert not ok and "un-tuned" in reason
+    ok, reason = decide_ranking(metrics(0.06, {}, 0.05), metrics(0.061, {}, 0.05), untuned, {"als": 1.0}, 0.0)
+    assert not ok and "does not beat champion" in reason
+    ok, reason = decide_ranking(metrics(0.06, {}, None), metrics(0.05, {}, None), untuned, {"als": 1.0}, 0.0)
+    assert ok and "generator not compared" in reason
+    assert not decide_ranking(metrics(float("nan"), {}, 0.05), None, untuned, {}, 0.0)[0]
+
+
+def rerank_tables(spark, cfg, users=36, items=18, modes=("evaluation",)):
+    """Synthetic tables for the rerank job: item i has one persona of colour i % 3; users of
+    theme t review five items of colour t with their sport; candidates in random order, but for the
+    validation item, which the generator ranks third."""
+    rng = random.Random(0)
+    store = TableStore(spark, cfg)
+    reviews, splits, cands = [], [], []
+    personas = [(f"I{i}#0", f"I{i}", 0, f"The {COLOURS[i % 3]} collector", f"Wants {COLOURS[i % 3]} editions.",
+                 f"Picks {COLOURS[i % 3]}.", f"The {COLOURS[i % 3]} collector. Wants {COLOURS[i % 3]} editions.",
+                 "llm", 3, "succeeded", None, None, None) for i in range(items)]
+    for u in range(users):
+        t = u % 3
+        mine = rng.sample([i for i in range(items) if i % 3 == t], 5)
+        for seq, i in enumerate(mine, start=1):
+            ts = 1_000 + seq * 10 + (seq == 2) * -10  # items 1 and 2 the same day: seq orders them
+            split = "train" if seq <= 3 else ("validation" if seq == 4 else "test")
+            splits.append((f"U{u}", f"I{i}", ts, seq, split))
+            reviews.append((f"U{u}", f"I{i}", 5.0, ts, None, f"{SPORTS[t]} gear for weekends", None, None,
+                            "amazon2018", "synthetic", seq))
+        train_items = set(mine[:3])
+        for mode in modes:
+            pool = [i for i in range(items) if i not in (train_items if mode == "evaluation" else set(mine))]
+            rng.shuffle(pool)
+            if mode == "evaluation":  # the generator ranks the validation item third: NDCG@10 0.5
+                pool.remove(mine[3])
+                pool.insert(2, mine[3])
+            for r, i in enumerate(pool[:12], start=1):
+                cands.append((mode, "als", f"U{u}", f"I{i}", 1.0 / r, r, "cf"))
+    summaries = [(f"I{i}", f"Item {i}, a general product.", "llm", "succeeded", None, None, None) for i in range(items)]
+    store.upsert(spark.createDataFrame(reviews, REVIEWS.schema), REVIEWS)
+    store.upsert(spark.createDataFrame(splits, SPLITS.schema), SPLITS)
+    store.upsert(spark.createDataFrame(summaries, ITEM_SUMMARIES.schema), ITEM_SUMMARIES)
+    store.upsert(spark.createDataFrame(personas, ITEM_PERSONAS.schema), ITEM_PERSONAS)
+    store.upsert(spark.createDataFrame(cands, CANDIDATES.schema), CANDIDATES)
+    return store
+
+
+def rerank_config(tmp_path, *extra):
+    return make_config(tmp_path, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                       f"mlflow.artifact_root={tmp_path / 'mlruns'}", "train.max_seq_length=32", "profile.k=5",
+                       "profile.interaction_text=review", "train.rerank_batch_size=16",
+                       "train.rerank_learning_rate=0.01", "train.rerank_epochs=12", "train.rerank_patience=12",
+                       "train.hard_negatives=8", *extra)
+
+
+@pytest.mark.spark
+def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spark, tmp_path):
+    from persona4rec.training.lists import collect
+
+    cfg = rerank_config(tmp_path, "mode=evaluation")
+    store = rerank_tables(spark, cfg)
+    data = collect(store, cfg)
+    splits = {(r.user_id, r.item_id): r for r in store.read("splits").collect()}
+    owned = {}
+    for (u, i), r in splits.items():
+        owned.setdefault(u, set()).add(i)
+    items = data.catalog.item_ids
+    text_of = data.texts
+    assert len(data.train) == 36 * 2  # train items 2 and 3 of each user (item 1 has no history)
+    for n in range(len(data.train)):
+        user = data.train.user_ids[data.train.user[n]]
+        negatives = {items[j] for j in data.train.negatives.of(n)}
+        assert negatives and not negatives & owned[user]  # later (validation, test) items are no negatives
+        assert len(negatives) <= 8
+        me = splits[(user, items[data.train.positive[n]])]
+        # history = the training items before it in (ts, item_id) order: a same-day one counts
+        before = [r for (u, _), r in splits.items() if u == user and r.split == "train"
+                  and (r.ts, r.item_id) < (me.ts, me.item_id)]
+        assert len(data.train.history.of(n)) == len(before)
+        assert len(before) >= 1
+        assert {text_of[t] for t in data.train.history.of(n)} == {f"{SPORTS[int(user[1:]) % 3]} gear for weekends"}
+    same_day = [(u, i) for (u, i), r in splits.items() if r.ts == 1010 and r.split == "train"]
+    assert len(same_day) == 2 * 36  # every user's first two items share a day: both orders were checked
+    assert data.validation.protocol == LEAVE_ONE_OUT and len(data.validation) == 36
+    for n in range(len(data.validation)):
+        assert len(data.validation.history.of(n)) == 3  # the user's training interactions
+    assert (data.validation.target >= 0).sum() > 0  # some validation items are among the candidates
+
+    production = rerank_config(tmp_path / "production", "mode=production")  # no evaluation-mode candidates
+    rerank_tables(spark, production, modes=("production",))
+    sampled = collect(TableStore(spark, production), production)
+    assert sampled.validation.protocol == SAMPLED
+    assert (sampled.validation.target == sampled.validation.candidates.ptr[1:] - sampled.validation.candidates.ptr[
+        :-1] - 1).all()  # the held-out item appended last
+    assert np.isnan(sampled.validation.cf_score.values).sum() == len(sampled.validation)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_worse_model(spark, tmp_path):
+    from persona4rec.training import job, promote
+    from persona4rec.training.encoder import load_encoder
+    from persona4rec.training.registry import CHALLENGER, CHAMPION, blend_alpha, register, setup_mlflow
+
+    cfg = rerank_config(tmp_path, "mode=evaluation")
+    rerank_tables(spark, cfg)
+    report, served = job.fit(spark, cfg)
+    assert report.final["best_epoch"] >= 1
+    assert report.final["val_ndcg10_als"] > report.baseline["val_ndcg10_als"] + 0.2, report
+    assert report.final["val_generator_ndcg10_als"] == pytest.approx(0.5)
+    assert report.final["val_ndcg10_als"] > 0.5
+    client = setup_mlflow(cfg)
+    name = cfg.mlflow.registered_model
+    run = client.get_run(report.run_id)
+    history = client.get_metric_history(report.run_id, "val_ndcg10_als")
+    assert [m.step for m in history][:2] == [0, 1] and "validation_ndcg10.png" in \
+        [a.path for a in client.list_artifacts(report.run_id)]
+    assert run.data.params["train.objective"] == "rerank"
+    assert blend_alpha(cfg, report.model_version, "als") is not None
+    # what is served is the encoder with its head: normalize(W · base(text))
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@{CHALLENGER}")
+    texts = ["tennis gear for weekends", "The teal collector. Wants teal editions."]
+    base = load_encoder(cfg.train.base_model, "cpu", 32).encode(texts, normalize_embeddings=True)
+    head = served[len(served) - 2].linear.weight.detach().numpy()
+    expected = base @ head.T
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert np.allclose(np.asarray(pyfunc.predict(texts)), expected, atol=1e-5)
+    assert not np.allclose(head, np.eye(len(head)))
+
+    first = promote.run(spark, cfg)
+    assert first.promoted and first.metric == "validation_ndcg10", first
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
+
+    # a random head (its rerank below the generator's on validation) is refused
+    torch.manual_seed(3)
+    broken = rerank.with_head(load_encoder(cfg.train.base_model, "cpu", 32), torch.randn(384, 384).numpy())
+    with mlflow.start_run(run_name="broken"):
+        v2 = register(cfg, client, broken, ["x"], {})
+    second = promote.run(spark, cfg)
+    assert not second.promoted and second.challenger_version == v2
+    assert "below als alone" in second.reason, second
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
+    assert client.get_model_version(name, v2).tags["promotion_decision"] == "refused"
