@@ -3,8 +3,11 @@
 Everything refers to texts by a dense integer id, so a text (an interaction text, a persona's
 member text) is held and embedded once however many examples, histories or centroids use it:
 
-* texts: tid → text — the history texts of the sampled users and every member text of a
-  persona of an item the examples or the validation lists name.
+* texts: tid → text — the training interaction texts of the sampled users and the member texts
+  of the personas of every item the examples or the validation lists name. In Spark a text is
+  named by a 64-bit hash of it, so histories and centroids carry integers, each text crosses to
+  the driver once, and a user's items travel once per user (not once per example: that would be
+  quadratic in a long history).
 * catalog: per item, its personas, per persona the tids its vector averages
   (`scoring.personas`: centroid members, else the persona text itself).
 * examples: one per training interaction with an earlier one (the user's next item is the
@@ -127,10 +130,10 @@ def _user_sample(col, fraction: float, seed: int):
 def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False) -> dict[str, DataFrame]:
     """The Spark frames behind `RerankData` (see the module docstring)."""
     k, s = cfg.profile.k, cfg.train
-    texts = stored_interaction_texts(store, cfg)
+    texts = stored_interaction_texts(store, cfg).withColumn("tkey", F.xxhash64("text"))
     train_rows = texts.filter(F.col(SPLIT) == TRAIN)
     by_time = Window.partitionBy(USER_ID).orderBy(TS, "seq")
-    examples = (train_rows.withColumn("history", F.collect_list("text").over(by_time.rowsBetween(-k, -1)))
+    examples = (train_rows.withColumn("history", F.collect_list("tkey").over(by_time.rowsBetween(-k, -1)))
                 .filter(F.size("history") > 0).select(USER_ID, ITEM_ID, "history"))
     n_examples = examples.count()  # the gate (validation_only) samples the validation users as training did
     fraction = sample_fraction(n_examples, s.max_examples)
@@ -151,17 +154,17 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
                  .groupBy(USER_ID).agg(F.sort_array(F.collect_list(F.struct("r", ITEM_ID))).alias("_neg"))
                  .select(USER_ID, F.transform("_neg", lambda x: x[ITEM_ID]).alias("negatives")))
     examples = (examples.join(negatives, USER_ID, "left")
-                .withColumn("negatives", F.coalesce("negatives", F.array().cast("array<string>")))
-                .join(user_items, USER_ID))
+                .withColumn("negatives", F.coalesce("negatives", F.array().cast("array<string>"))))
     if validation_only:
         examples = examples.limit(0)
+    users = user_items.join(examples.select(USER_ID), USER_ID, "left_semi")  # one row per user: linear
 
     # validation: the held-out item among each generator's candidates, history = last k training rows
     last_train = (train_rows.withColumn("_n", F.row_number().over(
         Window.partitionBy(USER_ID).orderBy(F.col(TS).desc(), F.col("seq").desc())))
         .filter(F.col("_n") <= k)
-        .groupBy(USER_ID).agg(F.sort_array(F.collect_list(F.struct(TS, "seq", "text"))).alias("_h"))
-        .select(USER_ID, F.transform("_h", lambda h: h["text"]).alias("history")))
+        .groupBy(USER_ID).agg(F.sort_array(F.collect_list(F.struct(TS, "seq", "tkey"))).alias("_h"))
+        .select(USER_ID, F.transform("_h", lambda h: h["tkey"]).alias("history")))
     targets = stored_interactions(store).filter(F.col(SPLIT) == VALIDATION).select(USER_ID, F.col(ITEM_ID).alias("target"))
     if fraction < 1.0:
         targets = targets.filter(_user_sample(F.col(USER_ID), fraction, s.seed))
@@ -185,26 +188,40 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
     personas = store.read(ITEM_PERSONAS.name).join(items, ITEM_ID, "left_semi")
     members = persona_members(store, cfg)
     if members is not None:
-        personas = personas.join(members.groupBy("persona_id").agg(F.collect_list("text").alias("members")),
+        members = members.join(personas.select("persona_id"), "persona_id", "left_semi") \
+            .withColumn("tkey", F.xxhash64("text"))
+        personas = personas.join(members.groupBy("persona_id").agg(F.collect_list("tkey").alias("members")),
                                  "persona_id", "left")
     else:
-        personas = personas.withColumn("members", F.lit(None).cast("array<string>"))
-    personas = personas.select(ITEM_ID, "persona_index", "persona_id",
-                               F.coalesce("members", F.array("persona_text")).alias("members"))
-    return {"examples": examples, "validation": validation, "personas": personas, "protocol": protocol}
+        personas = personas.withColumn("members", F.lit(None).cast("array<bigint>"))
+    own_text = F.xxhash64("persona_text")
+    personas = personas.select(ITEM_ID, "persona_index", "persona_id", "persona_text",
+                               F.coalesce("members", F.array(own_text)).alias("members"))
+    # every text a key above names, once (a 64-bit hash collision among the sample's texts would
+    # merge two texts: ~n²/2⁶⁵, negligible at millions of texts)
+    needed = examples.select(USER_ID).unionByName(validation.select(USER_ID)).distinct()
+    text_rows = train_rows.join(needed, USER_ID, "left_semi").select("tkey", "text") \
+        .unionByName(personas.select(own_text.alias("tkey"), F.col("persona_text").alias("text")))
+    if members is not None:
+        text_rows = text_rows.unionByName(members.select("tkey", "text"))
+    return {"examples": examples, "users": users, "validation": validation, "personas": personas.drop("persona_text"),
+            "texts": text_rows.dropDuplicates(["tkey"]), "protocol": protocol}
 
 
 def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> RerankData:
     """rerank_frames, brought to the driver as Arrow and turned into id arrays."""
     frames = rerank_frames(store, cfg, validation_only)
-    ex = frames["examples"].select(USER_ID, ITEM_ID, "history", "negatives", "user_items").toArrow()
+    ex = frames["examples"].select(USER_ID, ITEM_ID, "history", "negatives").toArrow()
+    owners = frames["users"].toArrow()
+    text_table = frames["texts"].toArrow()
     val = frames["validation"].orderBy("generator", USER_ID).toArrow()
     per = frames["personas"].orderBy(ITEM_ID, "persona_index").toArrow()
     if not validation_only and ex.num_rows < 2:
         raise InputError(f"only {ex.num_rows} training example(s) for train.objective=rerank: it needs training "
                          "interactions with an earlier one, and candidates (run generate_candidates first)")
-    texts: dict[str, int] = {}
-    tid = lambda t: texts.setdefault(t, len(texts))
+    ordered = text_table.column("text").to_pylist()
+    tid_of = {key: n for n, key in enumerate(text_table.column("tkey").to_pylist())}
+    tid = tid_of.__getitem__
 
     item_ids = sorted(set(per.column(ITEM_ID).to_pylist()))
     item_row = {item: r for r, item in enumerate(item_ids)}
@@ -220,14 +237,13 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     def known(items: list[str]) -> list[int]:  # items without a persona (none in practice) are left out
         return [item_row[i] for i in items if i in item_row]
 
-    users = {u: n for n, u in enumerate(dict.fromkeys(ex.column(USER_ID).to_pylist()))}
-    user_items_rows: dict[int, list[int]] = {}
+    users = {u: n for n, u in enumerate(owners.column(USER_ID).to_pylist())}
+    user_items_rows = {users[u]: known(owned) for u, owned in
+                       zip(owners.column(USER_ID).to_pylist(), owners.column("user_items").to_pylist())}
     positives, keep, histories, negs = [], [], [], []
-    for n, (u, item, hist, neg, owned) in enumerate(zip(*(ex.column(c).to_pylist() for c in
-                                                          (USER_ID, ITEM_ID, "history", "negatives", "user_items")))):
+    for u, item, hist, neg in zip(*(ex.column(c).to_pylist() for c in (USER_ID, ITEM_ID, "history", "negatives"))):
         if item not in item_row:
             continue
-        user_items_rows.setdefault(users[u], known(owned))
         positives.append(item_row[item])
         keep.append(users[u])
         histories.append([tid(t) for t in hist])
@@ -253,7 +269,6 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
                             Lists(_csr(map(len, v_cands)), np.array([c for cs in v_cands for c in cs], dtype=np.int64)),
                             Lists(_csr(map(len, v_cf)), np.array([x for cs in v_cf for x in cs], dtype=np.float64)),
                             np.array(v_target, dtype=np.int64), frames["protocol"])
-    ordered = sorted(texts, key=texts.get)
     log.info("rerank data: %d training examples, %d validation lists (%s), %d items, %d personas, %d texts",
              len(train), len(validation), validation.protocol, len(item_ids), len(member_lists), len(ordered))
     return RerankData(ordered, catalog, train, validation)
