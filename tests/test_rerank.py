@@ -194,16 +194,21 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
     store = rerank_tables(spark, cfg)
     data = collect(store, cfg)
     splits = {(r.user_id, r.item_id): r for r in store.read("splits").collect()}
-    owned = {}
+    owned, trained = {}, {}
     for (u, i), r in splits.items():
         owned.setdefault(u, set()).add(i)
+        if r.split == "train":
+            trained.setdefault(u, set()).add(i)
+    held_out_negatives = 0
     items = data.catalog.item_ids
     text_of = data.texts
     assert len(data.train) == 36 * 2  # train items 2 and 3 of each user (item 1 has no history)
     for n in range(len(data.train)):
         user = data.train.user_ids[data.train.user[n]]
         negatives = {items[j] for j in data.train.negatives.of(n)}
-        assert negatives and not negatives & owned[user]  # later (validation, test) items are no negatives
+        # an evaluation knows the training items only: the held-out ones are the labels, not masked
+        assert negatives and not negatives & trained[user]
+        held_out_negatives += len(negatives & (owned[user] - trained[user]))
         assert len(negatives) <= 8
         me = splits[(user, items[data.train.positive[n]])]
         # history = the training items before it in (ts, item_id) order: a same-day one counts
@@ -212,6 +217,7 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
         assert len(data.train.history.of(n)) == len(before)
         assert len(before) >= 1
         assert {text_of[t] for t in data.train.history.of(n)} == {f"{SPORTS[int(user[1:]) % 3]} gear for weekends"}
+    assert held_out_negatives > 0  # the generator ranks each validation item third
     same_day = [(u, i) for (u, i), r in splits.items() if r.ts == 1010 and r.split == "train"]
     assert len(same_day) == 2 * 36  # every user's first two items share a day: both orders were checked
     assert data.validation.protocol == LEAVE_ONE_OUT and len(data.validation) == 36
@@ -220,12 +226,19 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
     assert (data.validation.target >= 0).sum() > 0  # some validation items are among the candidates
 
     production = rerank_config(tmp_path / "production", "mode=production")  # no evaluation-mode candidates
-    rerank_tables(spark, production, modes=("production",))
-    sampled = collect(TableStore(spark, production), production)
+    prod_store = rerank_tables(spark, production, modes=("production",))
+    sampled = collect(prod_store, production)
+    owned = {}
+    for r in prod_store.read("splits").collect():
+        owned.setdefault(r.user_id, set()).add(r.item_id)
     assert sampled.validation.protocol == SAMPLED
     assert (sampled.validation.target == sampled.validation.candidates.ptr[1:] - sampled.validation.candidates.ptr[
         :-1] - 1).all()  # the held-out item appended last
     assert np.isnan(sampled.validation.cf_score.values).sum() == len(sampled.validation)
+    items = sampled.catalog.item_ids
+    for n in range(len(sampled.train)):  # production knows every interaction: none is a negative
+        user = sampled.train.user_ids[sampled.train.user[n]]
+        assert not {items[j] for j in sampled.train.negatives.of(n)} & owned[user]
 
 
 @pytest.mark.spark

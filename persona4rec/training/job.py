@@ -30,6 +30,7 @@ import yaml
 from pyspark.sql import SparkSession
 
 from persona4rec.config import Config, to_dict
+from persona4rec.errors import InputError
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS
 from persona4rec.tables import TableStore
 from persona4rec.training.encoder import add_lora, load_encoder, merge_lora
@@ -177,6 +178,9 @@ def _fit_rerank(store: TableStore, cfg: Config):
 
     s = cfg.train
     data = lists.collect(store, cfg)
+    if not len(data.validation):
+        raise InputError("no validation lists for train.objective=rerank: the splits table has no validation "
+                         "interactions of users with candidates (run ingest, then generate_candidates)")
     inputs = {name: store.version(name) for name in
               (ALIGNMENT_PAIRS.name, ITEM_PERSONAS.name, ITEM_SUMMARIES.name, REVIEW_ASPECTS.name, "splits",
                "review_clusters", "candidates") if store.exists(name)}

@@ -14,8 +14,9 @@ member text) is held and embedded once however many examples, histories or centr
   positive): the tids of the user's last k training interactions before it in (ts, seq) order —
   the order scoring's window uses, so same-day purchases count as history as they do when
   scoring — and the hard negatives: the generator's top candidates for the user (every
-  generator's, best rank first) minus every item the user ever interacted with, any split
-  (items the user buys later are no negatives).
+  generator's, best rank first) minus every item the user is known to have interacted with
+  (items the user buys later are no negatives): every interaction in production, the training
+  split in an evaluation (the held-out items are the labels: masking them would leak them).
 * validation lists (`protocol = leave_one_out`): each user's validation item among the
   evaluation-mode candidates of each generator, the history being the user's last k training
   interactions — exactly the `evaluate` job's validation protocol, so the metric the checkpoint is
@@ -41,7 +42,7 @@ from pyspark.sql import functions as F
 from persona4rec.alignment.profiles import stored_interaction_texts, stored_interactions
 from persona4rec.config import EVALUATION, Config
 from persona4rec.errors import InputError
-from persona4rec.schemas import CANDIDATES, ITEM_ID, ITEM_PERSONAS, SPLIT, TRAIN, TS, USER_ID, VALIDATION
+from persona4rec.schemas import CANDIDATES, ITEM_ID, ITEM_PERSONAS, SPLIT, TEST, TRAIN, TS, USER_ID, VALIDATION
 from persona4rec.scoring.personas import persona_members
 from persona4rec.tables import TableStore
 
@@ -80,6 +81,12 @@ class Examples:
     negatives: Lists  # item rows, best generator rank first
     user_items: Lists  # per user row: every item row the user interacted with (masked as negatives)
     user_ids: list[str] | None = None  # per user row
+
+    def owned_keys(self, n_items: int) -> np.ndarray:
+        """Sorted user_row · n_items + item_row of every (user, item) in `user_items`: one array
+        searched per batch, so masking costs the batch's cells, not each user's whole history."""
+        users = np.repeat(np.arange(len(self.user_items.ptr) - 1), np.diff(self.user_items.ptr))
+        return np.sort(users * n_items + self.user_items.values)
 
     def __len__(self) -> int:
         return len(self.positive)
@@ -141,7 +148,11 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
         log.info("rerank training: %d examples > train.max_examples %d: sampling %.3f of the users", n_examples,
                  s.max_examples, fraction)
         examples = examples.filter(_user_sample(F.col(USER_ID), fraction, s.seed))
+    # What the user is known to have: in production every interaction; in an evaluation the
+    # training split only — masking the held-out items as negatives would use the labels.
     interactions = stored_interactions(store)
+    if cfg.mode == EVALUATION:
+        interactions = interactions.filter(~F.col(SPLIT).isin(VALIDATION, TEST))
     user_items = interactions.groupBy(USER_ID).agg(F.collect_set(ITEM_ID).alias("user_items"))
     candidates = store.read(CANDIDATES.name)
     # Hard negatives: the generators' candidates of either mode (the nightly's, or an evaluation

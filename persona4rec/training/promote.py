@@ -145,7 +145,9 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
     from persona4rec.training.encoder import embed, load_encoder
 
     data = lists.collect(TableStore(spark, cfg), cfg, validation_only=True)
-    grid = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0}))
+    generators = sorted(set(data.validation.generator))
+    alphas = served_alphas(cfg, alias_version(client, name, CHALLENGER), generators)
+    grid = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0} | set(alphas.values())))  # the served α measured
 
     def measure(model) -> dict:
         import torch
@@ -160,8 +162,6 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
             results[alias] = measure(model)
     s = cfg.train
     results["untuned"] = measure(load_encoder(s.base_model, s.device, s.max_seq_length))
-    generators = sorted(results[CHALLENGER]["generators"])
-    alphas = served_alphas(cfg, versions[CHALLENGER], generators)
     if versions[CHALLENGER] == versions[CHAMPION]:
         promoted, reason = False, "challenger is already the champion"
     else:

@@ -105,7 +105,8 @@ def item_scores(U: torch.Tensor, P: torch.Tensor, pad: torch.Tensor, mask: torch
 
 
 def batch_loss(E: torch.Tensor, W: torch.Tensor, data: RerankData, rows: np.ndarray, s: TrainSettings,
-               gamma: float) -> torch.Tensor:
+               gamma: float, owned: np.ndarray | None = None) -> torch.Tensor:
+    """The listwise loss of the examples `rows`; `owned` = `Examples.owned_keys` (computed once)."""
     ex = data.train
     neg_pos, neg_owner = ranges(ex.negatives.ptr, rows)
     negatives = ex.negatives.values[neg_pos]
@@ -115,11 +116,13 @@ def batch_loss(E: torch.Tensor, W: torch.Tensor, data: RerankData, rows: np.ndar
     allowed[neg_owner, local[len(rows):]] = True
     if s.in_batch_negatives:
         allowed[:, local[:len(rows)]] = True
-    own_pos, own_owner = ranges(ex.user_items.ptr, ex.user[rows])  # the user's items are no negatives
-    owned = ex.user_items.values[own_pos]
-    at = np.searchsorted(items, owned)
-    hit = (at < len(items)) & (items[np.minimum(at, len(items) - 1)] == owned)
-    allowed[own_owner[hit], at[hit]] = False
+    n_items = len(data.catalog.item_ids)
+    owned = ex.owned_keys(n_items) if owned is None else owned
+    cell_b, cell_j = np.nonzero(allowed)  # the user's known items are no negatives
+    keys = ex.user[rows][cell_b] * n_items + items[cell_j]
+    at = np.minimum(np.searchsorted(owned, keys), max(len(owned) - 1, 0))
+    hit = owned[at] == keys if len(owned) else np.zeros(len(keys), dtype=bool)
+    allowed[cell_b[hit], cell_j[hit]] = False
     label = local[:len(rows)]
     allowed[np.arange(len(rows)), label] = True
     U = user_block(E, W, ex.history, rows, gamma)
@@ -215,6 +218,7 @@ def fit(E_np: np.ndarray, data: RerankData, s: TrainSettings, gamma: float, alph
     if on_epoch:
         on_epoch(0, result.curve[0])
     n = len(data.train)
+    owned = data.train.owned_keys(len(data.catalog.item_ids))
     for epoch in range(1, s.rerank_epochs + 1):
         order = rng.permutation(n)
         losses = []
@@ -222,7 +226,7 @@ def fit(E_np: np.ndarray, data: RerankData, s: TrainSettings, gamma: float, alph
             rows = order[start:start + s.rerank_batch_size]
             if len(rows) < 2:
                 continue
-            loss = batch_loss(E, W, data, rows, s, gamma)
+            loss = batch_loss(E, W, data, rows, s, gamma, owned)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
