@@ -17,8 +17,8 @@ generator's candidates", and with review-cluster personas it mostly learns clust
   logsumexp`, a smooth max: → max as τ_p → 0) or the max itself.
 * Loss, per example b with positive item i_b (the user's next item): the cross-entropy of
   s(u_b, i_b)/τ against s(u_b, n)/τ for n in N_b = the generator's top candidates for the user
-  (`hard_negatives`, items the user never interacted with) ∪ the other examples' positives
-  (`in_batch_negatives`) minus every item the user interacted with. Shapes: U (B, d); the batch's
+  (`hard_negatives`, minus the items the user is known to have) ∪ the other examples' positives
+  (`in_batch_negatives`), minus the user's known items. Shapes: U (B, d); the batch's
   items I (m) with personas P (q, d) padded to (m, w); S = U Pᵀ (B, q) → (B, m, w) → pooled (B, m);
   logits masked to N_b ∪ {i_b}. (Listwise training over the first stage's own candidates: LCE,
   Gao et al. 2021.)
