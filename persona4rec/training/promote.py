@@ -129,15 +129,20 @@ def _decide(cfg: Config, client, name: str, val_set) -> Decision:
                            "margin": cfg.mlflow.promotion_margin, "val_pairs": len(val_set)})
         mlflow.log_metrics({f"{k}_top1_accuracy": v for k, v in score.items() if not math.isnan(v)})
         mlflow.set_tags({"decision": "promoted" if promoted else "refused", "reason": reason})
-    tags = {"promotion_decision": "promoted" if promoted else "refused", "promotion_reason": reason,
-            "promotion_challenger_score": str(score.get(CHALLENGER)),
-            "promotion_champion_score": str(score.get(CHAMPION))}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, versions[CHALLENGER], key, value)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, versions[CHALLENGER])
-    log.info("promotion of %s v%s: %s (%s)", name, versions[CHALLENGER], tags["promotion_decision"], reason)
+    record(client, name, versions[CHALLENGER], promoted, reason,
+           {"promotion_challenger_score": str(score.get(CHALLENGER)),
+            "promotion_champion_score": str(score.get(CHAMPION))})
     return decision
+
+
+def record(client, name: str, version: str, promoted: bool, reason: str, scores: dict[str, str]) -> None:
+    """Tag the challenger's version with the decision and its scores; move `@champion` if promoted."""
+    tags = {"promotion_decision": "promoted" if promoted else "refused", "promotion_reason": reason, **scores}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("promotion of %s v%s: %s (%s)", name, version, tags["promotion_decision"], reason)
 
 
 def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Decision:
@@ -184,12 +189,7 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
                            **{f"served_alpha_{g}": a for g, a in alphas.items()}})
         mlflow.log_metrics({k: v for k, v in flat.items() if not math.isnan(v)})
         mlflow.set_tags({"decision": "promoted" if promoted else "refused", "reason": reason})
-    tags = {"promotion_decision": "promoted" if promoted else "refused", "promotion_reason": reason,
-            "promotion_metric": "validation_ndcg10", "promotion_challenger_score": str(score[CHALLENGER]),
-            "promotion_champion_score": str(score.get(CHAMPION)), "promotion_untuned_score": str(score["untuned"])}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, versions[CHALLENGER], key, value)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, versions[CHALLENGER])
-    log.info("promotion of %s v%s: %s (%s)", name, versions[CHALLENGER], tags["promotion_decision"], reason)
+    record(client, name, versions[CHALLENGER], promoted, reason,
+           {"promotion_metric": "validation_ndcg10", "promotion_challenger_score": str(score[CHALLENGER]),
+            "promotion_champion_score": str(score.get(CHAMPION)), "promotion_untuned_score": str(score["untuned"])})
     return decision
