@@ -171,6 +171,9 @@ class OfflineSettings:
     review_token_budget: int = 400  # a longer review is truncated to this (about 4 chars/token)
     aspect_pool_token_budget: int = 1200  # per item, for persona generation (sampling rule: README)
     max_null_slot_ratio: float = 0.75  # tuples with more null slots are kept but not used
+    # An aspect slot whose reason shares less than this share of its content words with the review
+    # is set to null before the null ratio is counted (0 keeps every slot): see tasks.grounded.
+    aspect_grounding: float = 0.34
     max_personas: int = 7
     # Reviews used as fallback evidence when an item's metadata is thin.
     summary_fallback_reviews: int = 3
@@ -400,6 +403,8 @@ class Config:
                "must be within 1..7 (the method's range)")
         _check(0 < self.offline.max_null_slot_ratio <= 1, "offline.max_null_slot_ratio",
                self.offline.max_null_slot_ratio, "must be within (0, 1]")
+        _check(0 <= self.offline.aspect_grounding <= 1, "offline.aspect_grounding",
+               self.offline.aspect_grounding, "must be within [0, 1]")
         t = self.train
         _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (in-batch negatives)")
         _check(0 < t.validation_fraction < 1, "train.validation_fraction", t.validation_fraction, "must be within (0, 1)")

@@ -60,7 +60,9 @@ def _aspects_ready(spark, tmp_path, srv):
     """A grouped-builder config against `srv`, with ingest, summaries and aspects done."""
     cfg = make_config(tmp_path, "llm.provider=openai", f"llm.base_url={srv.base_url}",
                       "llm.requests_per_minute=100000", "llm.backoff_initial_s=0.01",
-                      "llm.backoff_max_s=0.05", "llm.timeout_s=5", "offline.persona_builder=grouped")
+                      "llm.backoff_max_s=0.05", "llm.timeout_s=5", "offline.persona_builder=grouped",
+                      # The voices' reasons are synthetic, not quotes of the sample's reviews.
+                      "offline.aspect_grounding=0")
     ingest.run(spark, cfg)
     for stage in (summarise, aspects):
         stage.run(spark, cfg)

@@ -360,7 +360,9 @@ def schema_responder(body: dict) -> dict:
     if name == "ItemSummary":
         return {"summary": f"A product ({tag}) for everyday readers."}
     if name == "ReviewAspects":
-        slot = {"value": f"aspect {tag}", "reason": "stated in the review"}
+        # The reason quotes the review's first words, as a grounded reply does (tasks.grounded).
+        quote = " ".join(_review(text).split()[:8]) or "stated in the review"
+        slot = {"value": f"aspect {tag}", "reason": quote[:100]}
         return {"category_preference": slot, "purchase_purpose": slot,
                 "quality_criteria": slot, "usage_context": None}
     if name == "ItemPersonas":
@@ -375,6 +377,13 @@ def schema_responder(body: dict) -> dict:
     if name == "AlignmentChoice":
         return {"persona_number": overlap_choice(text), "justification": f"Closest to the history ({tag})."}
     return {"answer": tag}
+
+
+def _review(text: str) -> str:
+    start = text.find("<review")
+    start = text.find(">", start) + 1 if start >= 0 else -1
+    end = text.find("</review>", start)
+    return text[start:end].strip() if 0 < start <= end else ""
 
 
 def _block(text: str, tag: str) -> str:

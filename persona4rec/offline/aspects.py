@@ -25,7 +25,8 @@ from persona4rec.tables import TableStore
 log = logging.getLogger(__name__)
 
 _REQUESTS = request_schema(T.StructField(USER_ID, T.StringType()), T.StructField(ITEM_ID, T.StringType()),
-                           T.StructField(RATING, T.DoubleType()), T.StructField("helpful_votes", T.IntegerType()))
+                           T.StructField(RATING, T.DoubleType()), T.StructField("helpful_votes", T.IntegerType()),
+                           T.StructField("review_text", T.StringType()))
 _SLOT = T.StructType([T.StructField("value", T.StringType()), T.StructField("reason", T.StringType())])
 _REPLY = T.StructType([T.StructField(s, _SLOT) for s in ASPECT_SLOTS])
 
@@ -43,15 +44,21 @@ def build_requests(reviews: DataFrame, summaries: DataFrame, cfg: Config) -> Dat
                 req = make_request(tasks.aspects_task(domain), settings, msgs, None, r[ITEM_ID])
                 votes = r.get("helpful_votes")
                 out.append({**req, USER_ID: r[USER_ID], ITEM_ID: r[ITEM_ID], RATING: float(r[RATING]),
-                            "helpful_votes": None if pd.isna(votes) else int(votes)})
+                            "helpful_votes": None if pd.isna(votes) else int(votes),
+                            "review_text": tasks.review_as_sent(r["review_text"], budget)})
             yield pd.DataFrame(out, columns=_REQUESTS.fieldNames())
 
     return rows.mapInPandas(render, _REQUESTS)
 
 
-def aspects_from_replies(replied: DataFrame, max_null_ratio: float) -> DataFrame:
+def aspects_from_replies(replied: DataFrame, max_null_ratio: float, grounding: float = 0.0) -> DataFrame:
+    """Replies → review_aspects rows: slots not grounded in the review (`tasks.grounded`, share
+    `grounding`) become null, then a tuple with more than `max_null_ratio` null slots is not kept."""
     ok = F.col("status") == "succeeded"
-    parsed = replied.withColumn("_a", F.when(ok, F.from_json("reply", _REPLY)))
+    reply = F.col("reply")
+    if grounding > 0:
+        reply = _grounded_udf(grounding)(F.col("reply"), F.col("review_text"))
+    parsed = replied.withColumn("_a", F.when(ok, F.from_json(reply, _REPLY)))
     slot_cols = []
     for s in ASPECT_SLOTS:
         slot_cols += [F.col(f"_a.{s}.value").alias(s), F.col(f"_a.{s}.reason").alias(f"{s}_reason")]
@@ -64,6 +71,15 @@ def aspects_from_replies(replied: DataFrame, max_null_ratio: float) -> DataFrame
             .withColumn("status", F.coalesce("status", F.lit("failed"))))
 
 
+def _grounded_udf(share: float):
+    @F.pandas_udf(T.StringType())
+    def ground(replies: pd.Series, reviews: pd.Series) -> pd.Series:
+        return pd.Series([tasks.ground_reply(r, t, share) if isinstance(r, str) else None
+                          for r, t in zip(replies, reviews)], dtype=object)
+
+    return ground
+
+
 def run(spark: SparkSession, cfg: Config, endpoint: Endpoint | None = None) -> dict:
     if cfg.offline.persona_builder == "extractive":
         log.info("extract_aspects: not used by the extractive persona builder (reviews are clustered directly)")
@@ -73,7 +89,8 @@ def run(spark: SparkSession, cfg: Config, endpoint: Endpoint | None = None) -> d
     with endpoint_for(cfg, endpoint) as ep:
         runner = LLMRunner(spark, cfg, ep)
         stats = runner.run(tasks.aspects_task(cfg.offline.domain), requests)
-        rows = aspects_from_replies(runner.replies(requests), cfg.offline.max_null_slot_ratio)
+        rows = aspects_from_replies(runner.replies(requests), cfg.offline.max_null_slot_ratio,
+                                    cfg.offline.aspect_grounding)
         write = store.upsert(rows, REVIEW_ASPECTS, delete_missing=True)
     requests.unpersist()
     return {"llm": stats.as_dict(), "review_aspects": {"version": write.version, **write.metrics}}

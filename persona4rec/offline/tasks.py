@@ -7,6 +7,8 @@ so prompts are testable alone and the Spark stages only map these over partition
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from typing import Sequence
 
 from persona4rec.llm.outputs import SLOTS, ItemPersonas, ItemSummary, ReviewAspects, item_personas_model
@@ -81,9 +83,50 @@ def fallback_summary(item: dict) -> str:
 
 
 # -- aspects ---------------------------------------------------------------------------------
+def review_as_sent(review: str | None, review_budget: int) -> str:
+    """The review as the aspect prompt shows it (what a reply's grounding is checked against)."""
+    return untrusted(review, review_budget)
+
+
 def aspect_messages(domain: str, summary: str, rating: float, review: str, review_budget: int) -> list[dict]:
     return aspects_task(domain).prompt.render(
-        summary=untrusted(summary, 120), rating=f"{rating:g}", review=untrusted(review, review_budget))
+        summary=untrusted(summary, 120), rating=f"{rating:g}", review=review_as_sent(review, review_budget))
+
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Words that carry no aspect: a reason made of them is grounded in any review or in none.
+_STOP = frozenset("""a an and are as at be been but by for from had has have he her his i if in into is it its
+    me my of on or our she so than that the their them then there these they this to too us was we were
+    what when which who will with you your very really just also all any some more most much many can
+    could would should do does did not no nor only own same such out up down over under again about""".split())
+
+
+def content_words(text: str | None) -> set[str]:
+    return {w for w in _WORD.findall((text or "").lower()) if w not in _STOP and len(w) > 1}
+
+
+def grounded(reason: str | None, review: str | None, min_share: float) -> bool:
+    """Whether an aspect's reason is in the review: at least `min_share` of its content words
+    occur there. A small model fills slots from the product summary it was shown ("The magazine
+    offers a wide range of design ideas" for a review that says "Excellent!"); such a slot says
+    nothing about this reviewer, so it is dropped rather than let it become a persona's evidence."""
+    words = content_words(reason)
+    if not words:
+        return False
+    return len(words & content_words(review)) >= min_share * len(words)
+
+
+def ground_reply(reply: str | None, review: str | None, min_share: float) -> str | None:
+    """A validated ReviewAspects reply (JSON) with every slot whose reason is not grounded in
+    `review` set to null; unchanged when `min_share` is 0 or the reply is missing."""
+    if not reply or min_share <= 0:
+        return reply
+    data = json.loads(reply)
+    for slot in SLOTS:
+        value = data.get(slot)
+        if value and not grounded(value.get("reason"), review, min_share):
+            data[slot] = None
+    return json.dumps(data)
 
 
 # -- personas --------------------------------------------------------------------------------
