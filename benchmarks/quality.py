@@ -10,7 +10,8 @@ fixed seeds, on the configured training objective (`train.objective`, default re
 `--set train.objective=alignment --max-steps 150` is the old default) and persona vectors
 (`profile.persona_vectors`), then prints the table (generator × variant × metric@K, with the relative change over the
 generator) and one JSON line per generator:
-{"bench": "quality", "dataset", "builder", "objective", "persona_vectors", "generator", "users", "ndcg10_generator", "ndcg10_vanilla",
+{"bench": "quality", "dataset", "builder", "objective", "alignment_weight", "persona_vectors", "generator", "users",
+ "ndcg10_generator", "ndcg10_vanilla",
  "ndcg10_finetuned", "ndcg10_blend", "alpha", "hr10_generator", "hr10_finetuned", "ndcg10_gain_ci"}
 (`ndcg10_gain_ci`: paired bootstrap 95% interval of NDCG@10 finetuned / generator), and with the
 extractive builder `ndcg10_vanilla_centroid`, `ndcg10_vanilla_review_history`, `ndcg10_vanilla_reviews`
@@ -104,7 +105,8 @@ def main() -> None:
     print(table(summary, cfg.evaluation.ks))
     for gen, m in summary["generators"].items():
         print(json.dumps({"bench": "quality", "dataset": dataset, "builder": args.builder,
-                          "objective": cfg.train.objective, "persona_vectors": cfg.profile.persona_vectors, "generator": gen,
+                          "objective": cfg.train.objective, "alignment_weight": cfg.train.alignment_weight,
+                          "persona_vectors": cfg.profile.persona_vectors, "generator": gen,
                           "users": m["users"], "ndcg10_generator": m["ndcg10_generator"],
                           "ndcg10_vanilla": m["ndcg10_vanilla"], "ndcg10_finetuned": m["ndcg10_finetuned"],
                           "ndcg10_blend": m["ndcg10_finetuned_blend"], "alpha": m["alpha"],

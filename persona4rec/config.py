@@ -236,6 +236,10 @@ class TrainSettings:
     rerank_learning_rate: float = 0.003
     rerank_patience: int = 5  # stop after this many epochs without a better validation NDCG@10
     max_examples: int = 200_000  # training examples the rerank objective reads (a user-hash sample beyond)
+    # The paper's alignment signal as an auxiliary term of the rerank loss: for an example whose
+    # (user, item) has an aligned persona (the judge's, or the review cluster's), the cross-entropy of
+    # that persona among the item's personas, weighted by this (0 = off). See training/rerank.py.
+    alignment_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -452,6 +456,7 @@ class Config:
                and t.rerank_patience >= 1,
                "train", "hard_negatives/max_examples/rerank_epochs/rerank_batch_size",
                "hard_negatives must be >= 0, max_examples and rerank_batch_size >= 2, rerank_epochs >= 1")
+        _check(t.alignment_weight >= 0, "train.alignment_weight", t.alignment_weight, "must be >= 0")
         _check(t.persona_temperature > 0 and t.rerank_learning_rate > 0, "train.persona_temperature",
                t.persona_temperature, "persona_temperature and rerank_learning_rate must be > 0")
         _check(0 < self.profile.gamma <= 1, "profile.gamma", self.profile.gamma, "must be within (0, 1]")

@@ -75,3 +75,29 @@ def test_extractive_builder_fills_the_llm_tables_without_any_llm(spark, tmp_path
     personas.run(spark, cfg)
     again = align.run(spark, cfg)
     assert again["alignment_pairs"].get("numTargetRowsUpdated", 0) == 0 and again["pairs"] == result["pairs"]
+
+
+def test_a_persona_quotes_only_liked_reviews():
+    """The persona text is the e-mail's explanation: a critical voice is described, never quoted."""
+    import pandas as pd
+
+    from persona4rec.offline.extractive import item_personas
+    from persona4rec.scoring.embedding import worker_model
+    from persona4rec.training.encoder import resolve_model_name
+
+    model = worker_model(resolve_model_name("packaged:all-MiniLM-L6-v2"), 128)
+    liked = ["Quick weeknight recipes my whole family enjoys.", "Simple recipes, quick to cook after work.",
+             "The recipes are quick and the kids like them."]
+    hated = ["Far too many drug ads in every issue.", "The drug ads take up half the pages, awful.",
+             "Nothing but drug ads now, cancelled."]
+    rows = pd.DataFrame({"item_id": "I1", "user_id": [f"U{i}" for i in range(6)],
+                         "rating": [5.0, 4.0, 5.0, 1.0, 1.0, 2.0], "review_text": liked + hated,
+                         "helpful_votes": [0, 3, 1, 9, 8, 7]})
+    personas = item_personas(rows, model, 3, 7)
+    assert len(personas) == 2
+    for p in personas:
+        text = p["description"] + " " + p["preference_rationale"]
+        assert not any(h.split(",")[0].rstrip(".") in text for h in hated), text
+    critical = next(p for p in personas if "critical voice" in p["description"])
+    praised = next(p for p in personas if p is not critical)
+    assert '"' in praised["preference_rationale"] and '"' not in critical["preference_rationale"]

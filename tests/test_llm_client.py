@@ -226,3 +226,16 @@ def test_aspect_slots_not_grounded_in_the_review_become_null():
     body = {"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {"name": "ReviewAspects"}}}
     sent = json.dumps(schema_responder(body))
     assert json.loads(tasks.ground_reply(sent, tasks.review_as_sent(review, 400), 0.34))["category_preference"]
+
+
+def test_a_looping_summary_is_reasked():
+    from persona4rec.offline import tasks
+
+    task = tasks.summary_task("generic")
+    fine = ItemSummary(summary="A cooking magazine with quick weeknight recipes. It suits busy families.")
+    task.check({}, fine)
+    for looped in ("The best is the best, and the best is the best, and the best is the best.",
+                   "A magazine for women. It's a great place to find inspiration. It's a great place to find "
+                   "inspiration."):
+        with pytest.raises(ValueError, match="repeats itself"):
+            task.check({}, ItemSummary(summary=looped))

@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_config
 from persona4rec.config import TrainSettings
-from persona4rec.schemas import CANDIDATES, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEWS, SPLITS
+from persona4rec.schemas import ALIGNMENT_PAIRS, CANDIDATES, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEWS, SPLITS
 from persona4rec.tables import TableStore
 from persona4rec.training import rerank
 from persona4rec.training.lists import LEAVE_ONE_OUT, SAMPLED, Catalog, Examples, Lists, RerankData, Validation, \
@@ -68,6 +68,31 @@ def toy_data(rng: np.random.Generator, d=16, users=90, items=18, noise=0.15):
                      LEAVE_ONE_OUT)
     return RerankData(texts, catalog, train, val), np.array(E, dtype=np.float32)
 
+
+
+@pytest.mark.unit
+def test_the_alignment_term_scores_the_aligned_persona_among_the_items_own():
+    """alignment_loss: the cross-entropy of the aligned persona among the positive item's personas;
+    examples without an aligned persona, or whose item has a single persona, add nothing."""
+    d = 4
+    P = torch.eye(d)[:3]  # item 0: personas 0, 1; item 1: persona 2
+    pad = torch.tensor([[0, 1], [2, 0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    U = torch.stack([torch.eye(d)[1], torch.eye(d)[1], torch.eye(d)[2]])  # both users sit on persona 1
+    label = np.array([0, 0, 1])
+    right = rerank.alignment_loss(U, P, pad, mask, label, np.array([1, -1, 0]), 0.1)
+    wrong = rerank.alignment_loss(U, P, pad, mask, label, np.array([0, -1, 0]), 0.1)
+    assert float(right) < 0.01 < 9.0 < float(wrong)  # log(1 + e^10) ≈ 10
+    none = rerank.alignment_loss(U, P, pad, mask, label, np.array([-1, -1, 0]), 0.1)
+    assert float(none) == 0.0  # only a single-persona item is left: no persona choice to learn
+
+    data, E = toy_data(np.random.default_rng(0))
+    data.train.aligned = np.zeros(len(data.train), dtype=np.int64)  # toy items have one persona each
+    rows = np.arange(8)
+    on = TrainSettings(alignment_weight=1.0)
+    W = torch.eye(E.shape[1])
+    base = rerank.batch_loss(torch.from_numpy(E), W, data, rows, TrainSettings(), 0.9)
+    assert torch.isclose(rerank.batch_loss(torch.from_numpy(E), W, data, rows, on, 0.9), base)
 
 @pytest.mark.unit
 def test_the_rerank_head_learns_what_the_untuned_encoder_cannot_and_keeps_the_best_epoch():
@@ -224,6 +249,20 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
     for n in range(len(data.validation)):
         assert len(data.validation.history.of(n)) == 3  # the user's training interactions
     assert (data.validation.target >= 0).sum() > 0  # some validation items are among the candidates
+    assert (data.train.aligned == -1).all()  # train.alignment_weight 0: the pairs are not read
+
+    # train.alignment_weight > 0: each example carries its aligned persona's position in its item
+    # (-1 without a pair, or for a pair naming another item's persona)
+    train_rows = sorted((u, i, r.ts) for (u, i), r in splits.items() if r.split == "train")
+    pairs = [(u, i, ts, f"{i}#0" if n % 2 else "I999#0", "j", [], "cluster", None, None, None)
+             for n, (u, i, ts) in enumerate(train_rows)]
+    store.upsert(spark.createDataFrame(pairs, ALIGNMENT_PAIRS.schema), ALIGNMENT_PAIRS)
+    weighted = collect(store, rerank_config(tmp_path, "mode=evaluation", "train.alignment_weight=0.5"))
+    named = {(u, i): pid for u, i, _, pid, *_ in pairs}
+    for n in range(len(weighted.train)):
+        key = (weighted.train.user_ids[weighted.train.user[n]], weighted.catalog.item_ids[weighted.train.positive[n]])
+        assert weighted.train.aligned[n] == (0 if named[key].startswith(key[1] + "#") else -1)
+    assert (weighted.train.aligned == 0).sum() > 0 and (weighted.train.aligned == -1).sum() > 0
 
     production = rerank_config(tmp_path / "production", "mode=production")  # no evaluation-mode candidates
     prod_store = rerank_tables(spark, production, modes=("production",))

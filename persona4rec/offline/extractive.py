@@ -2,9 +2,10 @@
 
 For users with no LLM budget, and to measure quality at full scale on a CPU: per item, its usable
 reviews are embedded with the base encoder and clustered (offline/cluster.py); each cluster becomes
-one persona — its name from the words typical of the cluster, its description from the review
-nearest the cluster centre, its rationale quoting the strongest review signal (the most helpful
-review, else the most decided rating) — and every item without reviews gets the same summary-only
+one persona — its name from the words typical of the cluster, its description from the liked
+(4+ stars) review nearest the cluster centre, its rationale quoting the most helpful other liked
+review; a cluster without a liked review is described by its words and never quoted, since the
+persona text is the e-mail's explanation — and every item without reviews gets the same summary-only
 persona as the LLM path. Summaries are the metadata text (title, description, categories), or
 the lead of the most helpful review when an item has no metadata.
 Alignment needs no judge: a training interaction's persona is the cluster holding the user's own
@@ -89,13 +90,23 @@ def item_personas(reviews: pd.DataFrame, model, max_personas: int, seed: int) ->
     for k in range(len(centres)):
         m = np.flatnonzero(labels == k)
         words = cluster.keywords([texts[i] for i in m], texts)
-        medoid = m[int(np.argmax(vec[m] @ centres[k]))]
-        signal = m[int(np.argmax(votes[m] * 10 + np.abs(ratings[m] - 3.0)))]
         mean = float(ratings[m].mean())
         name = ("Buyers focused on " + ", ".join(words)) if words else "Typical buyers"
-        description = (f"{len(m)} review(s), average {mean:.1f} stars. Typical view: "
-                       f"{cluster.first_sentences(texts[medoid], 260)}")
-        rationale = f"Strongest signal ({ratings[signal]:g} stars): \"{cluster.first_sentences(texts[signal], 200)}\""
+        # The persona's text is the e-mail's explanation: it quotes only reviews of 4 stars or more
+        # (the most central one, then the most helpful other one); a critical voice stays a persona
+        # for matching and is described, never quoted.
+        liked = m[ratings[m] >= 4]
+        if len(liked):
+            typical = liked[int(np.argmax(vec[liked] @ centres[k]))]
+            others = liked[liked != typical] if len(liked) > 1 else liked
+            signal = others[int(np.argmax(votes[others] * 10 + ratings[others]))]
+            description = (f"{len(m)} review(s), average {mean:.1f} stars. Typical view: "
+                           f"{cluster.first_sentences(texts[typical], 260)}")
+            rationale = f"What they liked ({ratings[signal]:g} stars): \"{cluster.first_sentences(texts[signal], 200)}\""
+        else:
+            about = ", ".join(words) or "the item itself"
+            description = f"{len(m)} review(s), average {mean:.1f} stars: a critical voice about {about}."
+            rationale = f"Matches readers who care about {about}."
         out.append({ITEM_ID: item, "persona_index": k, "name": name[:80], "description": description,
                     "preference_rationale": rationale, "pool_size": len(texts),
                     "members": [str(reviews[USER_ID].iloc[i]) for i in m]})

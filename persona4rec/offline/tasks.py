@@ -20,7 +20,32 @@ TUPLE_FIELD_TOKENS = 30
 
 
 def summary_task(domain: str) -> LLMTask:
-    return LLMTask("summarise_items", load_prompt(domain, "summary"), ItemSummary, max_output_tokens=160)
+    return LLMTask("summarise_items", load_prompt(domain, "summary"), ItemSummary, check=check_summary,
+                   max_output_tokens=160)
+
+
+def check_summary(context: dict, reply: ItemSummary) -> None:
+    """A summary is what a customer reads for an item without a review-based persona: a reply that
+    loops ("The best is the best, and the best is the best, ...") or says one sentence twice is
+    re-asked, then the metadata text stands in (`fallback_summary`)."""
+    if repetitive(reply.summary):
+        raise ValueError("the summary repeats itself: say each thing once")
+
+
+def repetitive(text: str) -> bool:
+    """One sentence (of 4+ words) said twice, or one 4-word phrase three times."""
+    sentences = [" ".join(re.findall(r"[a-z0-9']+", s.lower())) for s in re.split(r"[.!?]+", text)]
+    said = [s for s in sentences if len(s.split()) >= 4]
+    if len(said) != len(set(said)):
+        return True
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    grams: dict[tuple, int] = {}
+    for i in range(len(words) - 3):
+        g = tuple(words[i:i + 4])
+        grams[g] = grams.get(g, 0) + 1
+        if grams[g] >= 3:
+            return True
+    return False
 
 
 def aspects_task(domain: str) -> LLMTask:

@@ -42,7 +42,8 @@ from pyspark.sql import functions as F
 from persona4rec.alignment.profiles import stored_interaction_texts, stored_interactions
 from persona4rec.config import EVALUATION, Config
 from persona4rec.errors import InputError
-from persona4rec.schemas import CANDIDATES, ITEM_ID, ITEM_PERSONAS, SPLIT, TEST, TRAIN, TS, USER_ID, VALIDATION
+from persona4rec.schemas import (ALIGNMENT_PAIRS, CANDIDATES, ITEM_ID, ITEM_PERSONAS, SPLIT, TEST, TRAIN, TS, USER_ID,
+                                 VALIDATION)
 from persona4rec.scoring.personas import persona_members
 from persona4rec.tables import TableStore
 
@@ -81,6 +82,9 @@ class Examples:
     negatives: Lists  # item rows, best generator rank first
     user_items: Lists  # per user row: every item row the user interacted with (masked as negatives)
     user_ids: list[str] | None = None  # per user row
+    # per example: the position among its item's personas of the persona aligned to (user, item) —
+    # the judge's or the review cluster's (alignment_pairs) — or -1 (train.alignment_weight)
+    aligned: np.ndarray | None = None
 
     def owned_keys(self, n_items: int) -> np.ndarray:
         """Sorted user_row · n_items + item_row of every (user, item) in `user_items`: one array
@@ -166,6 +170,14 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
                  .select(USER_ID, F.transform("_neg", lambda x: x[ITEM_ID]).alias("negatives")))
     examples = (examples.join(negatives, USER_ID, "left")
                 .withColumn("negatives", F.coalesce("negatives", F.array().cast("array<string>"))))
+    if s.alignment_weight > 0 and store.exists(ALIGNMENT_PAIRS.name):
+        aligned = store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, F.col("persona_id").alias("aligned"))
+        examples = examples.join(aligned.dropDuplicates([USER_ID, ITEM_ID]), [USER_ID, ITEM_ID], "left")
+    else:
+        if s.alignment_weight > 0:
+            log.warning("train.alignment_weight=%s but no %s table (run align): training without the "
+                        "alignment term", s.alignment_weight, ALIGNMENT_PAIRS.name)
+        examples = examples.withColumn("aligned", F.lit(None).cast("string"))
     if validation_only:
         examples = examples.limit(0)
     users = user_items.join(examples.select(USER_ID), USER_ID, "left_semi")  # one row per user: linear
@@ -222,7 +234,7 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
 def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> RerankData:
     """rerank_frames, brought to the driver as Arrow and turned into id arrays."""
     frames = rerank_frames(store, cfg, validation_only)
-    ex = frames["examples"].select(USER_ID, ITEM_ID, "history", "negatives").toArrow()
+    ex = frames["examples"].select(USER_ID, ITEM_ID, "history", "negatives", "aligned").toArrow()
     owners = frames["users"].toArrow()
     text_table = frames["texts"].toArrow()
     val = frames["validation"].orderBy("generator", USER_ID).toArrow()
@@ -242,6 +254,11 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     for item in p_items:
         counts[item_row[item]] += 1
     member_lists = [[tid(t) for t in m] for m in p_members]
+    # a persona's position among its item's personas (the catalogue keeps them in persona_index order)
+    offset_of, seen = {}, {}
+    for pid, item in zip(per.column("persona_id").to_pylist(), p_items):
+        offset_of[pid] = (item, seen.get(item, 0))
+        seen[item] = seen.get(item, 0) + 1
     catalog = Catalog(item_ids, _csr(counts), _csr([len(m) for m in member_lists]),
                       np.array([t for m in member_lists for t in m], dtype=np.int64))
 
@@ -251,10 +268,13 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     users = {u: n for n, u in enumerate(owners.column(USER_ID).to_pylist())}
     user_items_rows = {users[u]: known(owned) for u, owned in
                        zip(owners.column(USER_ID).to_pylist(), owners.column("user_items").to_pylist())}
-    positives, keep, histories, negs = [], [], [], []
-    for u, item, hist, neg in zip(*(ex.column(c).to_pylist() for c in (USER_ID, ITEM_ID, "history", "negatives"))):
+    positives, keep, histories, negs, aligned = [], [], [], [], []
+    for u, item, hist, neg, pid in zip(*(ex.column(c).to_pylist()
+                                         for c in (USER_ID, ITEM_ID, "history", "negatives", "aligned"))):
         if item not in item_row:
             continue
+        at = offset_of.get(pid)
+        aligned.append(at[1] if at is not None and at[0] == item else -1)
         positives.append(item_row[item])
         keep.append(users[u])
         histories.append([tid(t) for t in hist])
@@ -264,7 +284,7 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
         Lists(_csr(map(len, negs)), np.array([t for n in negs for t in n], dtype=np.int64)),
         Lists(_csr([len(user_items_rows.get(r, [])) for r in range(len(users))]),
               np.array([t for r in range(len(users)) for t in user_items_rows.get(r, [])], dtype=np.int64)),
-        list(users))
+        list(users), np.array(aligned, dtype=np.int64))
 
     v_hist, v_cands, v_cf, v_target, v_gen = [], [], [], [], []
     for gen, hist, target, cands, cf in zip(*(val.column(c).to_pylist() for c in

@@ -22,6 +22,10 @@ generator's candidates", and with review-cluster personas it mostly learns clust
   items I (m) with personas P (q, d) padded to (m, w); S = U Pᵀ (B, q) → (B, m, w) → pooled (B, m);
   logits masked to N_b ∪ {i_b}. (Listwise training over the first stage's own candidates: LCE,
   Gao et al. 2021.)
+* Auxiliary term (`alignment_weight` λ > 0): + λ · the cross-entropy, over the positive item's
+  personas, of the persona aligned to that interaction (the LLM judge's, or the review cluster's:
+  `alignment_pairs`) — the paper's signal in the serving geometry, for items with two or more
+  personas. Shapes: U (B', d), the item's personas (B', w) → cos / τ.
 * Selection: after every epoch the validation lists (training/lists.py) are reranked — NDCG@10 of
   the pure rerank and of the blend at each α — and the head with the best mean pure NDCG@10 over
   the generators is kept (epoch 0 = the un-tuned encoder: training that does not help is not kept).
@@ -129,7 +133,26 @@ def batch_loss(E: torch.Tensor, W: torch.Tensor, data: RerankData, rows: np.ndar
     P, pad, mask = persona_block(E, W, data.catalog, items)
     logits = (item_scores(U, P, pad, mask, s.persona_pool, s.persona_temperature) / s.temperature) \
         .masked_fill(~torch.as_tensor(allowed), float("-inf"))
-    return F.cross_entropy(logits, torch.as_tensor(label))
+    loss = F.cross_entropy(logits, torch.as_tensor(label))
+    if s.alignment_weight > 0 and ex.aligned is not None:
+        loss = loss + s.alignment_weight * alignment_loss(U, P, pad, mask, label, ex.aligned[rows], s.temperature)
+    return loss
+
+
+def alignment_loss(U: torch.Tensor, P: torch.Tensor, pad: torch.Tensor, mask: torch.Tensor, label: np.ndarray,
+                   aligned: np.ndarray, temperature: float) -> torch.Tensor:
+    """The paper's signal as an auxiliary term: for each example whose positive item has an aligned
+    persona and at least two personas, the cross-entropy of cos(u, p)/τ over that item's personas
+    with the aligned one as the label (B', w). Zero when no example qualifies."""
+    own = torch.as_tensor(label)
+    width = mask[own].sum(dim=1).numpy()
+    use = np.flatnonzero((aligned >= 0) & (width >= 2) & (aligned < width))
+    if not len(use):
+        return U.sum() * 0.0
+    idx = torch.as_tensor(use)
+    slots = pad[own[idx]]  # (B', w) indices into P
+    sims = torch.einsum("bd,bwd->bw", U[idx], P[slots]).masked_fill(~mask[own[idx]], float("-inf"))
+    return F.cross_entropy(sims / temperature, torch.as_tensor(aligned[use]))
 
 
 def ndcg(rank: np.ndarray, k: int = NDCG_K) -> np.ndarray:
