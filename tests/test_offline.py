@@ -211,3 +211,38 @@ def test_prompt_injection_stays_in_its_own_review(spark, tmp_path):
                     .collect())
     assert all("PWNED" not in r[0] and "HACKED" not in r[0] for r in dumped_other)
     assert asp.count() == 9 and asp.filter("status = 'succeeded'").count() == 9
+
+
+def test_a_looping_summary_from_the_cache_is_replaced_by_the_metadata_text(spark):
+    """A reply cached as succeeded before tasks.check_summary existed still never reaches a customer."""
+    loop = json.dumps({"summary": "The best is the best, and the best is the best, and the best is the best."})
+    fine = json.dumps({"summary": "A cooking magazine with quick weeknight recipes."})
+    replied = spark.createDataFrame(
+        [("I1", loop, "succeeded", "Good Food: recipes", "k1", "p", "m"),
+         ("I2", fine, "succeeded", "Other", "k2", "p", "m"),
+         ("I3", None, "failed", "Third title", "k3", "p", "m")],
+        "item_id string, reply string, status string, fallback string, key string, prompt string, model string")
+    rows = {r.item_id: r for r in summarise.summaries_from_replies(replied).collect()}
+    assert (rows["I1"].summary, rows["I1"].source) == ("Good Food: recipes", "fallback")
+    assert (rows["I2"].summary, rows["I2"].source) == ("A cooking magazine with quick weeknight recipes.", "llm")
+    assert (rows["I3"].summary, rows["I3"].source) == ("Third title", "fallback")
+
+
+def test_aspect_slots_copied_from_elsewhere_are_nulled_before_the_kept_rule(spark):
+    quoted = {"value": "quick recipes", "reason": "recipes are quick"}
+    copied = {"value": "decor", "reason": "The magazine offers a wide range of design and decor ideas"}
+    reply = json.dumps({"category_preference": quoted, "purchase_purpose": copied, "quality_criteria": None,
+                        "usage_context": None})
+    only_copied = json.dumps({"category_preference": copied, "purchase_purpose": None, "quality_criteria": None,
+                              "usage_context": None})
+    replied = spark.createDataFrame(
+        [("U1", "I1", 5.0, 0, "The recipes are quick.", "succeeded", None, "k1", "p", "m", reply),
+         ("U2", "I1", 5.0, 0, "Excellent!", "succeeded", None, "k2", "p", "m", only_copied)],
+        "user_id string, item_id string, rating double, helpful_votes int, review_text string, status string, "
+        "error string, key string, prompt string, model string, reply string")
+    rows = {r.user_id: r for r in aspects.aspects_from_replies(replied, 0.75, 0.34).collect()}
+    assert rows["U1"].category_preference == "quick recipes" and rows["U1"].purchase_purpose is None
+    assert rows["U1"].null_slots == 3 and rows["U1"].kept  # 3 of 4 null: kept (the rule drops > 75%)
+    assert rows["U2"].null_slots == 4 and not rows["U2"].kept
+    ungrounded = {r.user_id: r for r in aspects.aspects_from_replies(replied, 0.75, 0.0).collect()}
+    assert ungrounded["U2"].category_preference == "decor"  # 0 keeps every slot

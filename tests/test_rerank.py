@@ -82,17 +82,26 @@ def test_the_alignment_term_scores_the_aligned_persona_among_the_items_own():
     label = np.array([0, 0, 1])
     right = rerank.alignment_loss(U, P, pad, mask, label, np.array([1, -1, 0]), 0.1)
     wrong = rerank.alignment_loss(U, P, pad, mask, label, np.array([0, -1, 0]), 0.1)
-    assert float(right) < 0.01 < 9.0 < float(wrong)  # log(1 + e^10) ≈ 10
+    # one qualifying example of a batch of 3: log(1 + e^10) / 3 ≈ 3.33 when its choice is wrong
+    assert float(right) < 0.01 and 3.2 < float(wrong) < 3.5
     none = rerank.alignment_loss(U, P, pad, mask, label, np.array([-1, -1, 0]), 0.1)
     assert float(none) == 0.0  # only a single-persona item is left: no persona choice to learn
 
-    data, E = toy_data(np.random.default_rng(0))
-    data.train.aligned = np.zeros(len(data.train), dtype=np.int64)  # toy items have one persona each
-    rows = np.arange(8)
-    on = TrainSettings(alignment_weight=1.0)
-    W = torch.eye(E.shape[1])
-    base = rerank.batch_loss(torch.from_numpy(E), W, data, rows, TrainSettings(), 0.9)
-    assert torch.isclose(rerank.batch_loss(torch.from_numpy(E), W, data, rows, on, 0.9), base)
+    # In batch_loss: + λ · the term over the batch's positive items' own personas.
+    rng = np.random.default_rng(1)
+    E = rng.normal(size=(8, d)).astype(np.float32)
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    catalog = Catalog(["I0", "I1"], _csr([2, 2]), _csr([1, 1, 1, 1]), np.array([4, 5, 6, 7]))
+    train = Examples(np.array([0, 1, 2]), lists_of([[0], [1, 2], [3]]), np.array([0, 1, 0]), lists_of([[1], [0], []]),
+                     lists_of([[0], [1], [0]]), aligned=np.array([1, 0, -1]))
+    data = RerankData([f"t{i}" for i in range(8)], catalog, train, None)
+    rows, W, Et = np.arange(3), torch.eye(d), torch.from_numpy(E)
+    base = rerank.batch_loss(Et, W, data, rows, TrainSettings(), 0.9)
+    on = rerank.batch_loss(Et, W, data, rows, TrainSettings(alignment_weight=0.5), 0.9)
+    U = rerank.user_block(Et, W, train.history, rows, 0.9)
+    P, pad, mask = rerank.persona_block(Et, W, catalog, np.array([0, 1]))
+    term = rerank.alignment_loss(U, P, pad, mask, train.positive, train.aligned, TrainSettings().temperature)
+    assert float(term) > 0 and torch.isclose(on, base + 0.5 * term)
 
 @pytest.mark.unit
 def test_the_rerank_head_learns_what_the_untuned_encoder_cannot_and_keeps_the_best_epoch():
@@ -254,15 +263,22 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
     # train.alignment_weight > 0: each example carries its aligned persona's position in its item
     # (-1 without a pair, or for a pair naming another item's persona)
     train_rows = sorted((u, i, r.ts) for (u, i), r in splits.items() if r.split == "train")
-    pairs = [(u, i, ts, f"{i}#0" if n % 2 else "I999#0", "j", [], "cluster", None, None, None)
+    # a second persona per item, index 1, whose id sorts before the first one's: positions follow
+    # persona_index, not the id
+    extra = [(f"I{i}#!", f"I{i}", 1, "The gift giver", "Buys it as a present.", "Gifts.",
+              "The gift giver. Buys it as a present.", "llm", 3, "succeeded", None, None, None) for i in range(18)]
+    store.upsert(spark.createDataFrame(extra, ITEM_PERSONAS.schema), ITEM_PERSONAS)
+    target = {0: "I999#0", 1: "{}#0", 2: "{}#!"}
+    pairs = [(u, i, ts, target[n % 3].format(i), "j", [], "cluster", None, None, None)
              for n, (u, i, ts) in enumerate(train_rows)]
     store.upsert(spark.createDataFrame(pairs, ALIGNMENT_PAIRS.schema), ALIGNMENT_PAIRS)
     weighted = collect(store, rerank_config(tmp_path, "mode=evaluation", "train.alignment_weight=0.5"))
     named = {(u, i): pid for u, i, _, pid, *_ in pairs}
     for n in range(len(weighted.train)):
         key = (weighted.train.user_ids[weighted.train.user[n]], weighted.catalog.item_ids[weighted.train.positive[n]])
-        assert weighted.train.aligned[n] == (0 if named[key].startswith(key[1] + "#") else -1)
-    assert (weighted.train.aligned == 0).sum() > 0 and (weighted.train.aligned == -1).sum() > 0
+        expected = {key[1] + "#0": 0, key[1] + "#!": 1}.get(named[key], -1)
+        assert weighted.train.aligned[n] == expected, (key, named[key])
+    assert {0, 1, -1} <= set(weighted.train.aligned.tolist())
 
     production = rerank_config(tmp_path / "production", "mode=production")  # no evaluation-mode candidates
     prod_store = rerank_tables(spark, production, modes=("production",))

@@ -4,8 +4,8 @@ For users with no LLM budget, and to measure quality at full scale on a CPU: per
 reviews are embedded with the base encoder and clustered (offline/cluster.py); each cluster becomes
 one persona — its name from the words typical of the cluster, its description from the liked
 (4+ stars) review nearest the cluster centre, its rationale quoting the most helpful other liked
-review; a cluster without a liked review is described by its words and never quoted, since the
-persona text is the e-mail's explanation — and every item without reviews gets the same summary-only
+review; a cluster that is not mostly liked reviews is described by its words and never quoted,
+since the persona text is the e-mail's explanation — and every item without reviews gets the same summary-only
 persona as the LLM path. Summaries are the metadata text (title, description, categories), or
 the lead of the most helpful review when an item has no metadata.
 Alignment needs no judge: a training interaction's persona is the cluster holding the user's own
@@ -92,21 +92,26 @@ def item_personas(reviews: pd.DataFrame, model, max_personas: int, seed: int) ->
         words = cluster.keywords([texts[i] for i in m], texts)
         mean = float(ratings[m].mean())
         name = ("Buyers focused on " + ", ".join(words)) if words else "Typical buyers"
-        # The persona's text is the e-mail's explanation: it quotes only reviews of 4 stars or more
-        # (the most central one, then the most helpful other one); a critical voice stays a persona
-        # for matching and is described, never quoted.
+        # The persona's text is the e-mail's explanation: it quotes only reviews of 4 stars or more,
+        # and only for a cluster mostly made of them (the most central one, then the most helpful
+        # other one); any other cluster stays a persona for matching and is described, never quoted.
         liked = m[ratings[m] >= 4]
-        if len(liked):
+        about = ", ".join(words) or "the item itself"
+        if len(liked) and 2 * len(liked) >= len(m):
             typical = liked[int(np.argmax(vec[liked] @ centres[k]))]
-            others = liked[liked != typical] if len(liked) > 1 else liked
-            signal = others[int(np.argmax(votes[others] * 10 + ratings[others]))]
             description = (f"{len(m)} review(s), average {mean:.1f} stars. Typical view: "
                            f"{cluster.first_sentences(texts[typical], 260)}")
-            rationale = f"What they liked ({ratings[signal]:g} stars): \"{cluster.first_sentences(texts[signal], 200)}\""
+            others = liked[liked != typical]
+            if len(others):
+                signal = others[int(np.argmax(votes[others] * 10 + ratings[others]))]
+                rationale = (f"What they liked ({ratings[signal]:g} stars): "
+                             f"\"{cluster.first_sentences(texts[signal], 200)}\"")
+            else:
+                rationale = f"What they liked: {about}."
         else:
-            about = ", ".join(words) or "the item itself"
-            description = f"{len(m)} review(s), average {mean:.1f} stars: a critical voice about {about}."
-            rationale = f"Matches readers who care about {about}."
+            voice = "a critical voice" if mean < 3 else "a mixed voice"
+            description = f"{len(m)} review(s), average {mean:.1f} stars: {voice} about {about}."
+            rationale = f"Matches customers who care about {about}."
         out.append({ITEM_ID: item, "persona_index": k, "name": name[:80], "description": description,
                     "preference_rationale": rationale, "pool_size": len(texts),
                     "members": [str(reviews[USER_ID].iloc[i]) for i in m]})

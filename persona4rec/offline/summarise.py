@@ -42,9 +42,16 @@ def build_requests(items: DataFrame, reviews: DataFrame, cfg: Config) -> DataFra
     return rows.mapInPandas(render, _REQUESTS)
 
 
+@F.pandas_udf(T.BooleanType())
+def _repetitive(summaries: pd.Series) -> pd.Series:
+    return pd.Series([isinstance(t, str) and tasks.repetitive(t) for t in summaries], dtype=bool)
+
+
 def summaries_from_replies(replied: DataFrame) -> DataFrame:
+    """Replies → item_summaries rows; the metadata text where the call has not succeeded, or where a
+    cached reply loops (one that succeeded before `tasks.check_summary` existed)."""
     llm_summary = F.get_json_object("reply", "$.summary")
-    ok = (F.col("status") == "succeeded") & llm_summary.isNotNull()
+    ok = (F.col("status") == "succeeded") & llm_summary.isNotNull() & ~_repetitive(llm_summary)
     return replied.select(
         ITEM_ID,
         F.when(ok, llm_summary).otherwise(F.col("fallback")).alias("summary"),

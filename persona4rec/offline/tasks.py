@@ -118,38 +118,51 @@ def aspect_messages(domain: str, summary: str, rating: float, review: str, revie
         summary=untrusted(summary, 120), rating=f"{rating:g}", review=review_as_sent(review, review_budget))
 
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_WORD = re.compile(r"\w+(?:'\w+)?")
 # Words that carry no aspect: a reason made of them is grounded in any review or in none.
+# ("not" and "no" stay content: "not durable" is not grounded in "durable".)
 _STOP = frozenset("""a an and are as at be been but by for from had has have he her his i if in into is it its
     me my of on or our she so than that the their them then there these they this to too us was we were
     what when which who will with you your very really just also all any some more most much many can
-    could would should do does did not no nor only own same such out up down over under again about""".split())
+    could would should do does did nor only own same such out up down over under again about""".split())
 
 
 def content_words(text: str | None) -> set[str]:
-    return {w for w in _WORD.findall((text or "").lower()) if w not in _STOP and len(w) > 1}
+    t = (text or "").casefold().replace("\u2019", "'").replace("\u2018", "'")
+    return {w for w in _WORD.findall(t) if w not in _STOP and len(w) > 1 and not w.isdigit()}
 
 
 def grounded(reason: str | None, review: str | None, min_share: float) -> bool:
     """Whether an aspect's reason is in the review: at least `min_share` of its content words
     occur there. A small model fills slots from the product summary it was shown ("The magazine
     offers a wide range of design ideas" for a review that says "Excellent!"); such a slot says
-    nothing about this reviewer, so it is dropped rather than let it become a persona's evidence."""
+    nothing about this reviewer, so it is dropped rather than let it become a persona's evidence.
+    A review with no content word to compare against (empty, or only stop words) grounds nothing
+    and rejects nothing: the slot is kept."""
+    review_words = content_words(review)
+    if not review_words:
+        return True
     words = content_words(reason)
     if not words:
         return False
-    return len(words & content_words(review)) >= min_share * len(words)
+    return len(words & review_words) >= min_share * len(words)
 
 
 def ground_reply(reply: str | None, review: str | None, min_share: float) -> str | None:
     """A validated ReviewAspects reply (JSON) with every slot whose reason is not grounded in
-    `review` set to null; unchanged when `min_share` is 0 or the reply is missing."""
+    `review` set to null; unchanged when `min_share` is 0, the reply is missing, or it is not a
+    JSON object of slots (a hand-edited cache row: left for the schema parse to reject)."""
     if not reply or min_share <= 0:
         return reply
-    data = json.loads(reply)
+    try:
+        data = json.loads(reply)
+    except ValueError:
+        return reply
+    if not isinstance(data, dict):
+        return reply
     for slot in SLOTS:
         value = data.get(slot)
-        if value and not grounded(value.get("reason"), review, min_share):
+        if isinstance(value, dict) and not grounded(value.get("reason"), review, min_share):
             data[slot] = None
     return json.dumps(data)
 

@@ -172,7 +172,7 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
                 .withColumn("negatives", F.coalesce("negatives", F.array().cast("array<string>"))))
     if s.alignment_weight > 0 and store.exists(ALIGNMENT_PAIRS.name):
         aligned = store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, F.col("persona_id").alias("aligned"))
-        examples = examples.join(aligned.dropDuplicates([USER_ID, ITEM_ID]), [USER_ID, ITEM_ID], "left")
+        examples = examples.join(aligned, [USER_ID, ITEM_ID], "left")  # one pair per (user, item): its keys
     else:
         if s.alignment_weight > 0:
             log.warning("train.alignment_weight=%s but no %s table (run align): training without the "
@@ -302,4 +302,8 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
                             np.array(v_target, dtype=np.int64), frames["protocol"])
     log.info("rerank data: %d training examples, %d validation lists (%s), %d items, %d personas, %d texts",
              len(train), len(validation), validation.protocol, len(item_ids), len(member_lists), len(ordered))
+    if cfg.train.alignment_weight > 0:
+        several = np.diff(catalog.persona_ptr)[train.positive] >= 2
+        log.info("alignment term: %d of %d examples have an aligned persona on an item with 2+ personas",
+                 int(((train.aligned >= 0) & several).sum()), len(train))
     return RerankData(ordered, catalog, train, validation)

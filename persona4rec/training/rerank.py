@@ -143,7 +143,8 @@ def alignment_loss(U: torch.Tensor, P: torch.Tensor, pad: torch.Tensor, mask: to
                    aligned: np.ndarray, temperature: float) -> torch.Tensor:
     """The paper's signal as an auxiliary term: for each example whose positive item has an aligned
     persona and at least two personas, the cross-entropy of cos(u, p)/τ over that item's personas
-    with the aligned one as the label (B', w). Zero when no example qualifies."""
+    with the aligned one as the label (B', w); summed and divided by the batch size B, so λ weighs
+    each qualifying example the same whatever their share of the batch. Zero when none qualifies."""
     own = torch.as_tensor(label)
     width = mask[own].sum(dim=1).numpy()
     use = np.flatnonzero((aligned >= 0) & (width >= 2) & (aligned < width))
@@ -152,7 +153,7 @@ def alignment_loss(U: torch.Tensor, P: torch.Tensor, pad: torch.Tensor, mask: to
     idx = torch.as_tensor(use)
     slots = pad[own[idx]]  # (B', w) indices into P
     sims = torch.einsum("bd,bwd->bw", U[idx], P[slots]).masked_fill(~mask[own[idx]], float("-inf"))
-    return F.cross_entropy(sims / temperature, torch.as_tensor(aligned[use]))
+    return F.cross_entropy(sims / temperature, torch.as_tensor(aligned[use]), reduction="sum") / len(label)
 
 
 def ndcg(rank: np.ndarray, k: int = NDCG_K) -> np.ndarray:
