@@ -9,6 +9,7 @@ from conftest import make_config
 from persona4rec import pipeline
 from persona4rec.llm.fake_server import FakeLLMServer, schema_name, schema_responder
 from persona4rec.tables import TableStore
+from persona4rec.training.registry import registry_version
 from test_explain import ATTACKS, LINKISH
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]
@@ -38,7 +39,7 @@ def test_pipeline_on_the_sample_recommends_candidates_with_persona_explanations(
                           "scoring.run_date=2026-11-25", "candidates.generators=[als,bpr]")
         results = pipeline.run(spark, cfg)
     assert results["promote_model"]["promoted"]
-    assert results["build_index"]["model_version"] == results["train_encoder"]["model_version"]
+    assert registry_version(results["build_index"]["model_version"]) == results["train_encoder"]["model_version"]
     store = TableStore(spark, cfg)
     recs = store.read("recommendations")
     assert results["score_users"]["mode"] == "production"

@@ -342,3 +342,11 @@ def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_wo
     assert "below als alone" in second.reason, second
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
     assert client.get_model_version(name, v2).tags["promotion_decision"] == "refused"
+
+    # a model trained with the paper's objective is served for the same rerank: the same gate
+    paper = rerank_config(tmp_path, "mode=evaluation", "train.objective=alignment")
+    with mlflow.start_run(run_name="broken-paper"):
+        v3 = register(paper, client, broken, ["x"], {})
+    third = promote.run(spark, paper)
+    assert not third.promoted and third.challenger_version == v3 and third.metric == "validation_ndcg10", third
+    assert "below als alone" in third.reason, third

@@ -363,3 +363,37 @@ def test_batched_validation_equals_the_per_example_computation(monkeypatch):
     chunked = evaluate(model, examples, 0.8, 0.05, 4)
     assert chunked["val_pairs"] == got["val_pairs"] and chunked["top1_accuracy"] == got["top1_accuracy"]
     assert chunked["val_loss"] == pytest.approx(got["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_recreated_registry_never_gets_the_cached_model_of_its_namesake_version(tmp_path):
+    """Version numbers repeat across registries (a new sqlite file, another tracking URI over the
+    same warehouse): the scoring encoder and every cache keyed by it must tell the two "v1"s apart."""
+    from sentence_transformers import SentenceTransformer
+
+    from persona4rec.scoring.embedding import resolve_encoder
+    from persona4rec.training.rerank import with_head
+    from persona4rec.training.registry import blend_alpha, registry_version, set_blend_alpha
+
+    text = ["a teal racket for weekend tennis"]
+    refs = []
+    for n, registry in enumerate(("first", "second")):
+        cfg = training_config(tmp_path, f"mlflow.tracking_uri=sqlite:///{tmp_path / registry}.db",
+                              f"mlflow.artifact_root={tmp_path / registry}")
+        client = setup_mlflow(cfg)
+        model = load_encoder(cfg.train.base_model, "cpu", 32)
+        if n:  # the second registry's v1 is another model
+            model = with_head(model, torch.randn(384, 384, generator=torch.Generator().manual_seed(1)).numpy())
+        with mlflow.start_run(run_name=registry):
+            assert register(cfg, client, model, ["x"], {}, alias=CHAMPION) == "1"
+        ref = resolve_encoder(cfg)
+        assert registry_version(ref.version) == "1" and ref.version != "1"
+        assert np.allclose(SentenceTransformer(ref.path, device="cpu").encode(text), model.encode(text), atol=1e-5)
+        set_blend_alpha(cfg, client, ref.version, "als", 0.1 * (n + 1))  # the key finds its registry version
+        assert blend_alpha(cfg, ref.version, "als") == pytest.approx(0.1 * (n + 1))
+        refs.append(ref)
+    assert refs[0].version != refs[1].version and refs[0].path != refs[1].path
+    assert resolve_encoder(cfg) == refs[1]  # stable: the folder is reused, not rewritten
+    # α of the second registry's v1 is never read for vectors the first one's v1 embedded
+    with pytest.raises(InputError, match=rf"model version {refs[0].version} .* is not version 1 .* rerun build_index"):
+        blend_alpha(cfg, refs[0].version, "als")

@@ -1,6 +1,7 @@
 """Which encoder scores, and embedding text columns inside Spark.
 
-The encoder is `models:/<registered_model>@champion`; with no champion yet, the un-tuned base
+The encoder is `models:/<registered_model>@champion`, and every output row names it by its
+`version_key` (`model_version = <version>#<fingerprint>`); with no champion yet, the un-tuned base
 encoder is used and every output row says so (`model_version = untuned:<name>`). The driver puts
 the model in a folder the executors can read; each Python worker loads it once (module cache),
 not once per batch, and encodes texts in batches.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -28,25 +30,39 @@ _WORKER_MODELS: dict[str, object] = {}
 @dataclass(frozen=True)
 class EncoderRef:
     path: str  # a folder SentenceTransformer can load
-    version: str  # registry version, or "untuned:<base model>"
+    version: str  # registry version_key ("<version>#<fingerprint>"), or "untuned:<base model>"
     max_seq_length: int | None = None  # tokens per text (as in training); None = the model's own
     device: str = "auto"  # where each task encodes: auto = the task's GPU when torch sees one (train.device)
 
 
 def resolve_encoder(cfg: Config) -> EncoderRef:
-    from persona4rec.training.registry import CHAMPION, alias_version, load_alias, setup_mlflow
+    """The @champion as a folder the executors load, named (like every row it embeds) by its
+    `version_key`: a folder or cached vectors of another registry's version with the same number
+    are never taken for it. Loaded by version, not alias, so an alias moved meanwhile cannot put
+    another model under this key; written to a temporary folder and renamed, so a crash never
+    leaves a half-written model to be loaded next time."""
+    import mlflow.sentence_transformers
+
+    from persona4rec.training.registry import CHAMPION, alias_version, setup_mlflow, version_key
 
     client = setup_mlflow(cfg)
-    version = alias_version(client, cfg.mlflow.registered_model, CHAMPION)
+    name = cfg.mlflow.registered_model
+    version = alias_version(client, name, CHAMPION)
     if version is None:
         log.warning("no @%s for %s at %s: scoring with the un-tuned encoder %s", CHAMPION,
-                    cfg.mlflow.registered_model, cfg.tracking_uri(), cfg.train.base_model)
+                    name, cfg.tracking_uri(), cfg.train.base_model)
         return untuned_encoder(cfg)
-    folder = os.path.join(cfg.work_dir("models"), f"{cfg.mlflow.registered_model}-v{version}")
+    key = version_key(client, name, version)
+    folder = os.path.join(cfg.work_dir("models"), f"{name}-v{key.replace('#', '-')}")
     if not os.path.isdir(folder):
-        model, _ = load_alias(cfg, CHAMPION)
-        model.save(folder)
-    return EncoderRef(folder, str(version), cfg.train.max_seq_length, cfg.train.device)
+        partial = f"{folder}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        mlflow.sentence_transformers.load_model(f"models:/{name}/{version}").save(partial)
+        try:
+            os.rename(partial, folder)
+        except OSError:  # another run saved it first: theirs is the same model
+            shutil.rmtree(partial, ignore_errors=True)
+    return EncoderRef(folder, key, cfg.train.max_seq_length, cfg.train.device)
 
 
 def untuned_encoder(cfg: Config) -> EncoderRef:

@@ -171,13 +171,18 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
     examples = (examples.join(negatives, USER_ID, "left")
                 .withColumn("negatives", F.coalesce("negatives", F.array().cast("array<string>"))))
     if s.alignment_weight > 0 and store.exists(ALIGNMENT_PAIRS.name):
-        aligned = store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, F.col("persona_id").alias("aligned"))
+        # the aligned persona's position among its item's personas (the catalogue's persona_index
+        # order); a pair naming another item's persona, or one gone from item_personas, has none
+        position = store.read(ITEM_PERSONAS.name).select(ITEM_ID, "persona_id", (F.row_number().over(
+            Window.partitionBy(ITEM_ID).orderBy("persona_index", "persona_id")) - 1).cast("int").alias("aligned"))
+        aligned = store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, "persona_id") \
+            .join(position, [ITEM_ID, "persona_id"]).select(USER_ID, ITEM_ID, "aligned")
         examples = examples.join(aligned, [USER_ID, ITEM_ID], "left")  # one pair per (user, item): its keys
     else:
         if s.alignment_weight > 0:
             log.warning("train.alignment_weight=%s but no %s table (run align): training without the "
                         "alignment term", s.alignment_weight, ALIGNMENT_PAIRS.name)
-        examples = examples.withColumn("aligned", F.lit(None).cast("string"))
+        examples = examples.withColumn("aligned", F.lit(None).cast("int"))
     if validation_only:
         examples = examples.limit(0)
     users = user_items.join(examples.select(USER_ID), USER_ID, "left_semi")  # one row per user: linear
@@ -238,7 +243,7 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     owners = frames["users"].toArrow()
     text_table = frames["texts"].toArrow()
     val = frames["validation"].orderBy("generator", USER_ID).toArrow()
-    per = frames["personas"].orderBy(ITEM_ID, "persona_index").toArrow()
+    per = frames["personas"].orderBy(ITEM_ID, "persona_index", "persona_id").toArrow()
     if not validation_only and ex.num_rows < 2:
         raise InputError(f"only {ex.num_rows} training example(s) for train.objective=rerank: it needs training "
                          "interactions with an earlier one, and candidates (run generate_candidates first)")
@@ -254,11 +259,6 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     for item in p_items:
         counts[item_row[item]] += 1
     member_lists = [[tid(t) for t in m] for m in p_members]
-    # a persona's position among its item's personas (the catalogue keeps them in persona_index order)
-    offset_of, seen = {}, {}
-    for pid, item in zip(per.column("persona_id").to_pylist(), p_items):
-        offset_of[pid] = (item, seen.get(item, 0))
-        seen[item] = seen.get(item, 0) + 1
     catalog = Catalog(item_ids, _csr(counts), _csr([len(m) for m in member_lists]),
                       np.array([t for m in member_lists for t in m], dtype=np.int64))
 
@@ -269,12 +269,11 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     user_items_rows = {users[u]: known(owned) for u, owned in
                        zip(owners.column(USER_ID).to_pylist(), owners.column("user_items").to_pylist())}
     positives, keep, histories, negs, aligned = [], [], [], [], []
-    for u, item, hist, neg, pid in zip(*(ex.column(c).to_pylist()
-                                         for c in (USER_ID, ITEM_ID, "history", "negatives", "aligned"))):
+    for u, item, hist, neg, at in zip(*(ex.column(c).to_pylist()
+                                        for c in (USER_ID, ITEM_ID, "history", "negatives", "aligned"))):
         if item not in item_row:
             continue
-        at = offset_of.get(pid)
-        aligned.append(at[1] if at is not None and at[0] == item else -1)
+        aligned.append(-1 if at is None else at)
         positives.append(item_row[item])
         keep.append(users[u])
         histories.append([tid(t) for t in hist])

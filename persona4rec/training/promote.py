@@ -12,9 +12,13 @@ any generator's NDCG@10: a model that makes the e-mails worse than the generator
 becomes champion. Lists of a production run carry no generator rank of the held-out item (the
 `sampled` protocol): check (3) is then skipped and the decision says so.
 
-With `train.objective: alignment` both models are scored on the same held-out validation pairs (users the training never saw; the
-split is the deterministic one of `train.seed` and `train.validation_fraction`) by top-1 persona
-accuracy. Ties and small gains within `mlflow.promotion_margin` keep the current champion. The
+The ranking gate applies whatever the training objective: a model trained on the paper's
+`train.objective: alignment` is served for the same rerank, so it is promoted on the same metric.
+Only before any candidates exist (an alignment-objective run that has not run
+generate_candidates: there is nothing to rank) do both models fall back to the paper's own measure,
+top-1 persona accuracy on the same held-out validation pairs (users the training never saw; the
+split is the deterministic one of `train.seed` and `train.validation_fraction`); the decision's
+metric says which gate ran. Ties and small gains within `mlflow.promotion_margin` keep the current champion. The
 decision, both scores and both versions are recorded as an MLflow run and as tags on the
 challenger's model version, so every alias move can be audited.
 """
@@ -29,6 +33,7 @@ import mlflow
 from pyspark.sql import SparkSession
 
 from persona4rec.config import Config
+from persona4rec.schemas import CANDIDATES
 from persona4rec.tables import TableStore
 from persona4rec.training.registry import CHALLENGER, CHAMPION, alias_version, blend_alpha, load_alias, setup_mlflow
 from persona4rec.training.source import open_examples
@@ -103,10 +108,17 @@ def run(spark: SparkSession, cfg: Config) -> Decision:
     name = cfg.mlflow.registered_model
     if alias_version(client, name, CHALLENGER) is None:
         raise LookupError(f"no @{CHALLENGER} version of '{name}' at {cfg.tracking_uri()}: run train_encoder first")
-    if cfg.train.objective == "rerank":
+    store = TableStore(spark, cfg)
+    if cfg.train.objective == "rerank" or has_candidates(store):
         return _decide_ranking(spark, cfg, client, name)
-    with open_examples(TableStore(spark, cfg), cfg, validation_only=True) as (_, val_set):
+    log.warning("no candidates to rank (run generate_candidates): promotion falls back to top-1 persona accuracy")
+    with open_examples(store, cfg, validation_only=True) as (_, val_set):
         return _decide(cfg, client, name, val_set)
+
+
+def has_candidates(store: TableStore) -> bool:
+    """Whether the generators' candidates exist, i.e. the ranking gate has lists to rank."""
+    return store.exists(CANDIDATES.name) and bool(store.read(CANDIDATES.name).limit(1).count())
 
 
 def _decide(cfg: Config, client, name: str, val_set) -> Decision:

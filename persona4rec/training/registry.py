@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from persona4rec.config import Config
+from persona4rec.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,22 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def version_key(client: MlflowClient, name: str, version: str) -> str:
+    """The registry version plus a fingerprint of the model it names, e.g. "3#5f0c2a91d4": what
+    every embedding cache is keyed by (the driver's model folder, and the `model_version` column of
+    persona_index, interaction_embeddings and user_vectors). A version number alone repeats when the
+    registry is recreated (a new sqlite file) or another tracking URI serves the same warehouse, and
+    the vectors another model cached under "1" would then be served as this model's."""
+    mv = client.get_model_version(name, version)
+    digest = hashlib.sha1(f"{name}|{mv.source}|{mv.run_id}|{mv.creation_timestamp}".encode()).hexdigest()[:10]
+    return f"{version}#{digest}"
+
+
+def registry_version(key: str) -> str:
+    """The registry version of a `version_key` (a plain version is returned as it is)."""
+    return key.split("#", 1)[0]
 
 
 def model_uri(cfg: Config, alias: str) -> str:
@@ -72,15 +90,22 @@ BLEND_ALPHA_TAG = "blend_alpha_{generator}"
 
 def set_blend_alpha(cfg: Config, client: MlflowClient, version: str, generator: str, alpha: float) -> None:
     """Store the blend α chosen on validation with the model version it was chosen for."""
-    client.set_model_version_tag(cfg.mlflow.registered_model, version, BLEND_ALPHA_TAG.format(generator=generator),
-                                 str(alpha))
+    client.set_model_version_tag(cfg.mlflow.registered_model, registry_version(version),
+                                 BLEND_ALPHA_TAG.format(generator=generator), str(alpha))
 
 
 def blend_alpha(cfg: Config, version: str, generator: str) -> float | None:
-    """The α `set_blend_alpha` stored for this model version and generator; None if never chosen."""
+    """The α `set_blend_alpha` stored for this model version and generator; None if never chosen.
+    A `version_key` must name this registry's model of that number: vectors embedded with another
+    registry's "v1" must not be served with this one's α (the run fails, naming both)."""
     if version.startswith("untuned:"):
         return None
     client = setup_mlflow(cfg)
-    value = client.get_model_version(cfg.mlflow.registered_model, version).tags.get(
+    number = registry_version(version)
+    if number != version and version_key(client, cfg.mlflow.registered_model, number) != version:
+        raise InputError(f"model version {version} (the embeddings' key) is not version {number} of "
+                         f"{cfg.mlflow.registered_model} at {cfg.tracking_uri()} (its key is "
+                         f"{version_key(client, cfg.mlflow.registered_model, number)}): rerun build_index")
+    value = client.get_model_version(cfg.mlflow.registered_model, number).tags.get(
         BLEND_ALPHA_TAG.format(generator=generator))
     return float(value) if value is not None else None
