@@ -16,7 +16,7 @@ from conftest import make_config, write_lines
 from persona4rec.errors import InputError
 from persona4rec.ingest import job as ingest
 from persona4rec.offline import personas, summarise
-from persona4rec.schemas import INTERACTION_EMBEDDINGS, TEST, TRAIN, VALIDATION
+from persona4rec.schemas import INTERACTION_EMBEDDINGS, PERSONA_INDEX, TEST, TRAIN, VALIDATION
 from persona4rec.scoring import candidates, index, score
 from persona4rec.tables import TableStore
 
@@ -166,6 +166,22 @@ def test_alpha_auto_without_a_chosen_alpha_fails(spark, nightly):
     with pytest.raises(InputError, match=rf"model version {out['index']['model_version']} .* no α chosen for "
                                          r"generator bpr"):
         score.run(spark, auto)
+
+
+def test_alpha_auto_refuses_an_index_written_before_model_keys(spark, nightly):
+    """A bare registry number cannot be matched to this registry's model (numbers repeat when a
+    registry is recreated): with `auto` the run stops before reading any α."""
+    cfg, store, out = nightly
+    auto = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, alpha="auto"))
+    kept = store.read(PERSONA_INDEX.name).localCheckpoint()
+    try:
+        store.upsert(kept.withColumn("model_version", F.lit("1")), PERSONA_INDEX)
+        with pytest.raises(InputError, match=r"model version '1' without its key .* rerun build_index"):
+            score.run(spark, auto)
+    finally:
+        store.upsert(kept, PERSONA_INDEX)
+    assert store.read(PERSONA_INDEX.name).select("model_version").distinct().collect()[0][0] == \
+        out["index"]["model_version"]
 
 
 def test_popular_fallback_gives_users_without_factors_the_most_popular_unseen_items(spark):

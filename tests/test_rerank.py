@@ -350,3 +350,12 @@ def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_wo
     third = promote.run(spark, paper)
     assert not third.promoted and third.challenger_version == v3 and third.metric == "validation_ndcg10", third
     assert "below als alone" in third.reason, third
+    # with scoring.alpha auto and no α chosen for it (only the rerank trainer tags one), the gate
+    # judges the challenger at its best α on the same lists and tags it, as scoring will read it
+    auto = rerank_config(tmp_path, "mode=evaluation", "train.objective=alignment", "scoring.alpha=auto")
+    with mlflow.start_run(run_name="untuned-paper"):
+        v4 = register(auto, client, load_encoder(cfg.train.base_model, "cpu", 32), ["x"], {})
+    assert blend_alpha(auto, v4, "als") is None
+    fourth = promote.run(spark, auto)
+    assert not fourth.promoted and "does not beat champion" in fourth.reason, fourth
+    assert blend_alpha(auto, v4, "als") is not None

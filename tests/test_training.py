@@ -8,6 +8,7 @@ among an item's three personas); a working fine-tune learns it from the alignmen
 import random
 
 import mlflow
+import mlflow.sentence_transformers
 import numpy as np
 import pytest
 import torch
@@ -220,6 +221,7 @@ def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path)
     third = promote.run(spark, cfg)
     assert not third.promoted and third.challenger_version == v3
     assert third.challenger_score < third.champion_score
+    assert third.metric == "validation_top1_accuracy"  # no candidates: the paper objective's own measure
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
     tags = client.get_model_version(name, v3).tags
     assert tags["promotion_decision"] == "refused"
@@ -366,7 +368,7 @@ def test_batched_validation_equals_the_per_example_computation(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_recreated_registry_never_gets_the_cached_model_of_its_namesake_version(tmp_path):
+def test_a_recreated_registry_never_gets_the_cached_model_of_its_namesake_version(tmp_path, monkeypatch):
     """Version numbers repeat across registries (a new sqlite file, another tracking URI over the
     same warehouse): the scoring encoder and every cache keyed by it must tell the two "v1"s apart."""
     from sentence_transformers import SentenceTransformer
@@ -393,7 +395,11 @@ def test_a_recreated_registry_never_gets_the_cached_model_of_its_namesake_versio
         assert blend_alpha(cfg, ref.version, "als") == pytest.approx(0.1 * (n + 1))
         refs.append(ref)
     assert refs[0].version != refs[1].version and refs[0].path != refs[1].path
-    assert resolve_encoder(cfg) == refs[1]  # stable: the folder is reused, not rewritten
+    def no_download(uri):
+        raise AssertionError(f"{uri} loaded again: the complete folder should be reused")
+
+    monkeypatch.setattr(mlflow.sentence_transformers, "load_model", no_download)
+    assert resolve_encoder(cfg) == refs[1]  # stable: the complete folder is reused, not rewritten
     # α of the second registry's v1 is never read for vectors the first one's v1 embedded
     with pytest.raises(InputError, match=rf"model version {refs[0].version} .* is not version 1 .* rerun build_index"):
         blend_alpha(cfg, refs[0].version, "als")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +26,7 @@ from persona4rec.training.encoder import pick_device, resolve_model_name
 
 log = logging.getLogger(__name__)
 _WORKER_MODELS: dict[str, object] = {}
+COMPLETE = "_COMPLETE"  # marks a whole model folder (resolve_encoder)
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,9 @@ def resolve_encoder(cfg: Config) -> EncoderRef:
     """The @champion as a folder the executors load, named (like every row it embeds) by its
     `version_key`: a folder or cached vectors of another registry's version with the same number
     are never taken for it. Loaded by version, not alias, so an alias moved meanwhile cannot put
-    another model under this key; written to a temporary folder and renamed, so a crash never
-    leaves a half-written model to be loaded next time."""
+    another model under this key; written to a temporary folder, marked complete last and renamed,
+    so an interrupted copy is never loaded (where a rename is not atomic, e.g. a FUSE-mounted
+    volume, the marker still says whether the copy is whole)."""
     import mlflow.sentence_transformers
 
     from persona4rec.training.registry import CHAMPION, alias_version, setup_mlflow, version_key
@@ -54,14 +57,18 @@ def resolve_encoder(cfg: Config) -> EncoderRef:
         return untuned_encoder(cfg)
     key = version_key(client, name, version)
     folder = os.path.join(cfg.work_dir("models"), f"{name}-v{key.replace('#', '-')}")
-    if not os.path.isdir(folder):
-        partial = f"{folder}.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
+    complete = os.path.join(folder, COMPLETE)
+    if not os.path.exists(complete):
+        partial = f"{folder}.partial-{uuid.uuid4().hex[:12]}"
         mlflow.sentence_transformers.load_model(f"models:/{name}/{version}").save(partial)
+        open(os.path.join(partial, COMPLETE), "w").close()  # written last: the copy is whole
         try:
             os.rename(partial, folder)
-        except OSError:  # another run saved it first: theirs is the same model
+        except OSError:  # another run placed it first (theirs is the same model), or a broken copy is there
             shutil.rmtree(partial, ignore_errors=True)
+        if not os.path.exists(complete):
+            raise RuntimeError(f"could not place the champion encoder at {folder}: a folder without {COMPLETE} is "
+                               "there (an interrupted copy): remove it and rerun")
     return EncoderRef(folder, key, cfg.train.max_seq_length, cfg.train.device)
 
 

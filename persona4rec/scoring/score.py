@@ -411,6 +411,9 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     if len(versions) != 1:
         raise InputError(f"persona_index holds model versions {versions}: run build_index first")
     version = versions[0]
+    if sc.alpha == "auto" and not version.startswith("untuned:") and "#" not in version:
+        raise InputError(f"persona_index holds model version {version!r} without its key (written before model "
+                         "keys): its α cannot be matched to the registry's model: rerun build_index")
     alpha = resolve_alpha(cfg, version, sc.generator)  # before any heavy work: a missing α fails at once
     candidates = store.read(CANDIDATES.name).filter((F.col("mode") == mode) & (F.col("generator") == sc.generator))
     if mode == PRODUCTION:

@@ -35,7 +35,8 @@ from pyspark.sql import SparkSession
 from persona4rec.config import Config
 from persona4rec.schemas import CANDIDATES
 from persona4rec.tables import TableStore
-from persona4rec.training.registry import CHALLENGER, CHAMPION, alias_version, blend_alpha, load_alias, setup_mlflow
+from persona4rec.training.registry import (CHALLENGER, CHAMPION, alias_version, blend_alpha, load_alias,
+                                          set_blend_alpha, setup_mlflow)
 from persona4rec.training.source import open_examples
 from persona4rec.training.trainer import evaluate
 
@@ -95,12 +96,12 @@ def decide_ranking(challenger: dict, champion: dict | None, untuned: dict, alpha
                    f"{margin}")
 
 
-def served_alphas(cfg: Config, version: str, generators) -> dict[str, float]:
-    """The α each generator's e-mails will blend with when `version` serves."""
+def served_alphas(cfg: Config, version: str, generators) -> dict[str, float | None]:
+    """The α each generator's e-mails will blend with when `version` serves; None where
+    `scoring.alpha: auto` finds none chosen yet (a model the rerank trainer did not select)."""
     if cfg.scoring.alpha != "auto":
         return {g: float(cfg.scoring.alpha) for g in generators}
-    chosen = {g: blend_alpha(cfg, version, g) for g in generators}
-    return {g: 1.0 if a is None else a for g, a in chosen.items()}
+    return {g: blend_alpha(cfg, version, g) for g in generators}
 
 
 def run(spark: SparkSession, cfg: Config) -> Decision:
@@ -164,7 +165,7 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
     data = lists.collect(TableStore(spark, cfg), cfg, validation_only=True)
     generators = sorted(set(data.validation.generator))
     alphas = served_alphas(cfg, alias_version(client, name, CHALLENGER), generators)
-    grid = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0} | set(alphas.values())))  # the served α measured
+    grid = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0} | {a for a in alphas.values() if a is not None}))
 
     def measure(model) -> dict:
         import torch
@@ -179,6 +180,11 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
             results[alias] = measure(model)
     s = cfg.train
     results["untuned"] = measure(load_encoder(s.base_model, s.device, s.max_seq_length))
+    for g, a in alphas.items():  # `auto` with none chosen (e.g. a paper-objective model): the
+        if a is None:            # challenger's best α on these lists, as the rerank trainer tags it
+            alphas[g] = results[CHALLENGER]["generators"].get(g, {}).get("best_alpha", 1.0)
+            set_blend_alpha(cfg, client, versions[CHALLENGER], g, alphas[g])
+            log.info("scoring.alpha auto: no α chosen for %s yet, the gate chose %.2f on validation", g, alphas[g])
     if versions[CHALLENGER] == versions[CHAMPION]:
         promoted, reason = False, "challenger is already the champion"
     else:

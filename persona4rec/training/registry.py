@@ -102,10 +102,9 @@ def blend_alpha(cfg: Config, version: str, generator: str) -> float | None:
         return None
     client = setup_mlflow(cfg)
     number = registry_version(version)
-    if number != version and version_key(client, cfg.mlflow.registered_model, number) != version:
+    if number != version and (here := version_key(client, cfg.mlflow.registered_model, number)) != version:
         raise InputError(f"model version {version} (the embeddings' key) is not version {number} of "
-                         f"{cfg.mlflow.registered_model} at {cfg.tracking_uri()} (its key is "
-                         f"{version_key(client, cfg.mlflow.registered_model, number)}): rerun build_index")
+                         f"{cfg.mlflow.registered_model} at {cfg.tracking_uri()} (its key is {here}): rerun build_index")
     value = client.get_model_version(cfg.mlflow.registered_model, number).tags.get(
         BLEND_ALPHA_TAG.format(generator=generator))
     return float(value) if value is not None else None
