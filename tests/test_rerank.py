@@ -80,11 +80,12 @@ def test_the_alignment_term_scores_the_aligned_persona_among_the_items_own():
     mask = torch.tensor([[True, True], [True, False]])
     U = torch.stack([torch.eye(d)[1], torch.eye(d)[1], torch.eye(d)[2]])  # both users sit on persona 1
     label = np.array([0, 0, 1])
-    right = rerank.alignment_loss(U, P, pad, mask, label, np.array([1, -1, 0]), 0.1)
-    wrong = rerank.alignment_loss(U, P, pad, mask, label, np.array([0, -1, 0]), 0.1)
+    own = rerank.persona_sims(U, P, pad, mask)[torch.arange(3), torch.as_tensor(label)]
+    right = rerank.alignment_loss(own, np.array([1, -1, 0]), 0.1)
+    wrong = rerank.alignment_loss(own, np.array([0, -1, 0]), 0.1)
     # one qualifying example of a batch of 3: log(1 + e^10) / 3 ≈ 3.33 when its choice is wrong
     assert float(right) < 0.01 and 3.2 < float(wrong) < 3.5
-    none = rerank.alignment_loss(U, P, pad, mask, label, np.array([-1, -1, 0]), 0.1)
+    none = rerank.alignment_loss(own, np.array([-1, -1, 0]), 0.1)
     assert float(none) == 0.0  # only a single-persona item is left: no persona choice to learn
 
     # In batch_loss: + λ · the term over the batch's positive items' own personas.
@@ -99,9 +100,75 @@ def test_the_alignment_term_scores_the_aligned_persona_among_the_items_own():
     base = rerank.batch_loss(Et, W, data, rows, TrainSettings(), 0.9)
     on = rerank.batch_loss(Et, W, data, rows, TrainSettings(alignment_weight=0.5), 0.9)
     U = rerank.user_block(Et, W, train.history, rows, 0.9)
-    P, pad, mask = rerank.persona_block(Et, W, catalog, np.array([0, 1]))
-    term = rerank.alignment_loss(U, P, pad, mask, train.positive, train.aligned, TrainSettings().temperature)
+    sums, _, _, pad, mask = rerank.persona_sums(Et, W, catalog, np.array([0, 1]))
+    P = torch.nn.functional.normalize(sums, dim=-1)
+    own = rerank.persona_sims(U, P, pad, mask)[torch.arange(3), torch.as_tensor(train.positive)]
+    term = rerank.alignment_loss(own, train.aligned, TrainSettings().temperature)
     assert float(term) > 0 and torch.isclose(on, base + 0.5 * term)
+
+
+@pytest.mark.unit
+def test_an_examples_own_review_is_left_out_of_its_positives_centroid_as_when_served():
+    """In training the positive item's persona centroids are built from the training split, so they
+    hold the example's own interaction text; a held-out interaction never is a member. The loss
+    must see the centroid without it: the same loss as a catalogue from which it was removed; a
+    persona whose only member it was scores by its text's vector, as the index does."""
+    d = 6
+    rng = np.random.default_rng(3)
+    E = rng.normal(size=(12, d)).astype(np.float32)
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    Et = torch.from_numpy(E)
+    # item 0: persona 0 (members 1, 2; text 9), persona 1 (member 3; text 10); item 1: persona 2 (member 4; text 11)
+    members = [[1, 2], [3], [4]]
+    catalog = Catalog(["I0", "I1"], _csr([2, 1]), _csr(map(len, members)), np.array([1, 2, 3, 4]),
+                      np.array([9, 10, 11]))
+    # examples: own interaction a member of persona 0 (text 1); the only member of persona 1 (text
+    # 3); no member, though another user's identical text 2 is (membership is by interaction)
+    train = Examples(np.array([0, 1, 2]), lists_of([[5], [6], [8]]), np.array([0, 0, 0]), lists_of([[1], [1], [1]]),
+                     lists_of([[0], [0], [0]]), own=np.array([1, 3, 2]), own_slot=np.array([0, 1, -1]))
+    data = RerankData([f"t{i}" for i in range(12)], catalog, train, None)
+    s = TrainSettings(in_batch_negatives=False)
+
+    def by_hand(n: int, members_of_item0) -> torch.Tensor:
+        """the loss of example n alone, on a catalogue whose item 0 has these member lists"""
+        cat = Catalog(["I0", "I1"], _csr([2, 1]), _csr(map(len, [*members_of_item0, [4]])),
+                      np.array([t for m in [*members_of_item0, [4]] for t in m]), np.array([9, 10, 11]))
+        alone = Examples(train.user[[n]], lists_of([train.history.of(n)]), train.positive[[n]],
+                         lists_of([train.negatives.of(n)]), lists_of([[0]]))
+        return rerank.batch_loss(Et, None, RerankData(data.texts, cat, alone, None), np.array([0]), s, 0.9)
+
+    for n, item0 in ((0, [[2], [3]]), (1, [[1, 2], [10]]), (2, [[1, 2], [3]])):
+        got = rerank.batch_loss(Et, None, data, np.array([n]), s, 0.9)
+        assert torch.isclose(got, by_hand(n, item0), atol=1e-6), n
+    # the leak it removes: with the own text kept, example 0's loss is another number
+    assert not torch.isclose(rerank.batch_loss(Et, None, data, np.array([0]), s, 0.9), by_hand(0, [[1, 2], [3]]))
+    # in a batch, only each example's own positive changes: the same figures row by row
+    rows = np.arange(3)
+    together = rerank.batch_loss(Et, None, data, rows, s, 0.9)
+    assert torch.isclose(together, torch.stack([by_hand(n, m) for n, m in
+                                                ((0, [[2], [3]]), (1, [[1, 2], [10]]), (2, [[1, 2], [3]]))]).mean())
+
+
+@pytest.mark.unit
+def test_a_validation_target_is_scored_without_the_users_own_review_of_it():
+    """A production run's sampled lists read every review, so the held-out item's centroid holds
+    the user's review of it; validate scores the target as a recommendation would see it."""
+    E = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0], [0.6, 0.8, 0], [0, 0, 1], [1, 0, 0]], dtype=np.float32)
+    # item 0 (the target): one persona, members 1 (the user's own review, like their history text 5)
+    # and 2; item 1: one persona, member 3
+    catalog = Catalog(["I0", "I1"], _csr([1, 1]), _csr([2, 1]), np.array([1, 2, 3]), np.array([0, 4]))
+
+    def pure(own, slot):
+        val = Validation(["g"], lists_of([[5]]), lists_of([[1, 0]]), Lists(_csr([2]), np.array([1.0, np.nan])),
+                         np.array([1]), SAMPLED, own, slot)
+        data = RerankData([f"t{i}" for i in range(6)], catalog, None, val)
+        return rerank.validate(torch.from_numpy(E), None, data, 0.9, (1.0,))["generators"]["g"]["pure"]
+
+    assert pure(None, None) == pytest.approx(1.0)  # with the review inside: first, 0.707 against 0.6
+    assert pure(np.array([1]), np.array([0])) == pytest.approx(1 / np.log2(3))  # without it: second, 0 against 0.6
+    # the same text, but the user's interaction is no member (an evaluation): nothing is left out
+    assert pure(np.array([1]), np.array([-1])) == pytest.approx(1.0)
+
 
 @pytest.mark.unit
 def test_the_rerank_head_learns_what_the_untuned_encoder_cannot_and_keeps_the_best_epoch():
@@ -251,7 +318,11 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
         assert len(data.train.history.of(n)) == len(before)
         assert len(before) >= 1
         assert {text_of[t] for t in data.train.history.of(n)} == {f"{SPORTS[int(user[1:]) % 3]} gear for weekends"}
+        assert text_of[data.train.own[n]] == f"{SPORTS[int(user[1:]) % 3]} gear for weekends"  # its own review
     assert held_out_negatives > 0  # the generator ranks each validation item third
+    # each persona's own text travels with the catalogue (the vector of a persona left with no member)
+    assert [text_of[t] for t in data.catalog.persona_tid] == [
+        f"The {COLOURS[int(i[1:]) % 3]} collector. Wants {COLOURS[int(i[1:]) % 3]} editions." for i in items]
     same_day = [(u, i) for (u, i), r in splits.items() if r.ts == 1010 and r.split == "train"]
     assert len(same_day) == 2 * 36  # every user's first two items share a day: both orders were checked
     assert data.validation.protocol == LEAVE_ONE_OUT and len(data.validation) == 36
@@ -259,6 +330,7 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
         assert len(data.validation.history.of(n)) == 3  # the user's training interactions
     assert (data.validation.target >= 0).sum() > 0  # some validation items are among the candidates
     assert (data.train.aligned == -1).all()  # train.alignment_weight 0: the pairs are not read
+    assert (data.train.own_slot == -1).all() and (data.validation.own_slot == -1).all()  # no membership yet
 
     # train.alignment_weight > 0: each example carries its aligned persona's position in its item
     # (-1 without a pair, or for a pair naming another item's persona)
@@ -279,6 +351,13 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
         expected = {key[1] + "#0": 0, key[1] + "#!": 1}.get(named[key], -1)
         assert weighted.train.aligned[n] == expected, (key, named[key])
     assert {0, 1, -1} <= set(weighted.train.aligned.tolist())
+    # the pairs are also the centroids' membership: each example's own interaction sits in the
+    # persona it is aligned to (matched by user and item), whose position is its own_slot
+    assert (weighted.train.own_slot == weighted.train.aligned).all()
+    assert all(weighted.texts[t] == f"{SPORTS[int(weighted.train.user_ids[u][1:]) % 3]} gear for weekends"
+               for t, u in zip(weighted.train.own, weighted.train.user))
+    # an evaluation's held-out interactions are no members, though other users' identical texts are
+    assert (weighted.validation.own_slot == -1).all()
 
     production = rerank_config(tmp_path / "production", "mode=production")  # no evaluation-mode candidates
     prod_store = rerank_tables(spark, production, modes=("production",))
@@ -290,6 +369,15 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
     assert (sampled.validation.target == sampled.validation.candidates.ptr[1:] - sampled.validation.candidates.ptr[
         :-1] - 1).all()  # the held-out item appended last
     assert np.isnan(sampled.validation.cf_score.values).sum() == len(sampled.validation)
+    assert (sampled.validation.own_slot == -1).all()  # no membership table: nothing to leave out
+    # production clusters read every review: with the validation interactions among the members,
+    # each target's own interaction is left out of its persona (position 0)
+    prod_pairs = [(r.user_id, r.item_id, r.ts, f"{r.item_id}#0", "j", [], "cluster", None, None, None)
+                  for r in prod_store.read("splits").collect()]
+    prod_store.upsert(spark.createDataFrame(prod_pairs, ALIGNMENT_PAIRS.schema), ALIGNMENT_PAIRS)
+    members = collect(prod_store, production)
+    assert (members.validation.own_slot == 0).all() and (members.validation.own >= 0).all()
+    assert (members.train.own_slot == 0).all()
     items = sampled.catalog.item_ids
     for n in range(len(sampled.train)):  # production knows every interaction: none is a negative
         user = sampled.train.user_ids[sampled.train.user[n]]
@@ -298,7 +386,8 @@ def test_rerank_lists_exclude_the_users_items_and_follow_the_scoring_window(spar
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_worse_model(spark, tmp_path):
+def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_worse_model(spark, tmp_path,
+                                                                                         monkeypatch):
     from persona4rec.training import job, promote
     from persona4rec.training.encoder import load_encoder
     from persona4rec.training.registry import CHALLENGER, CHAMPION, blend_alpha, register, setup_mlflow
@@ -331,6 +420,16 @@ def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_wo
     first = promote.run(spark, cfg)
     assert first.promoted and first.metric == "validation_ndcg10", first
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
+    # a rerun: the champion is the challenger — measured once (it and the un-tuned encoder), and
+    # the version's promotion tags stay "promoted"
+    validated = []
+    real = rerank.validate
+    monkeypatch.setattr(rerank, "validate", lambda *a, **k: validated.append(1) or real(*a, **k))
+    again = promote.run(spark, cfg)
+    monkeypatch.undo()
+    assert not again.promoted and again.reason == "challenger is already the champion" and len(validated) == 2
+    assert client.get_model_version(name, report.model_version).tags["promotion_decision"] == "promoted"
+    assert len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.decision = 'unchanged'")) == 1
 
     # a random head (its rerank below the generator's on validation) is refused
     torch.manual_seed(3)

@@ -188,7 +188,7 @@ def test_exact_training_with_item_persona_negatives_learns_the_alignment():
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path):
+def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path, monkeypatch):
     cfg = training_config(tmp_path, "train.epochs=2")
     synthetic_tables(spark, cfg)
     client = setup_mlflow(cfg)
@@ -200,6 +200,15 @@ def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path)
     first = promote.run(spark, cfg)
     assert first.promoted and first.reason == "no champion yet"
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
+    # a rerun: the challenger is the champion — measured once, its "promoted" tag kept, the run "unchanged"
+    measured = []
+    real = promote.evaluate
+    monkeypatch.setattr(promote, "evaluate", lambda *a, **k: measured.append(1) or real(*a, **k))
+    again = promote.run(spark, cfg)
+    monkeypatch.undo()
+    assert not again.promoted and again.reason == "challenger is already the champion" and len(measured) == 1
+    assert client.get_model_version(name, v1).tags["promotion_decision"] == "promoted"
+    assert len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.decision = 'unchanged'")) == 1
 
     # v2: a fine-tuned challenger beats it.
     report, _ = job.fit(spark, cfg)

@@ -37,9 +37,9 @@ def membership(store: TableStore, cfg: Config) -> DataFrame | None:
 
 
 def persona_members(store: TableStore, cfg: Config) -> DataFrame | None:
-    """persona_id, text: the interaction texts each persona's centroid averages (its newest
-    `profile.centroid_members` members); None with `profile.persona_vectors: text` or no
-    membership table."""
+    """persona_id, user_id, item_id, text: the interactions (and their texts) each persona's
+    centroid averages (its newest `profile.centroid_members` members); None with
+    `profile.persona_vectors: text` or no membership table."""
     if cfg.profile.persona_vectors != "centroid":
         return None
     members = membership(store, cfg)
@@ -48,7 +48,7 @@ def persona_members(store: TableStore, cfg: Config) -> DataFrame | None:
     texts = stored_interaction_texts(store, cfg).select(USER_ID, ITEM_ID, TS, "seq", "text")
     newest = Window.partitionBy("persona_id").orderBy(F.col(TS).desc(), F.col("seq").desc(), F.col(USER_ID))
     return (members.join(texts, [USER_ID, ITEM_ID]).withColumn("_n", F.row_number().over(newest))
-            .filter(F.col("_n") <= cfg.profile.centroid_members).select("persona_id", "text"))
+            .filter(F.col("_n") <= cfg.profile.centroid_members).select("persona_id", USER_ID, ITEM_ID, "text"))
 
 
 def centroids(embedded: DataFrame) -> DataFrame:

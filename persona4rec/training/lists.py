@@ -17,6 +17,10 @@ member text) is held and embedded once however many examples, histories or centr
   generator's, best rank first) minus every item the user is known to have interacted with
   (items the user buys later are no negatives): every interaction in production, the training
   split in an evaluation (the held-out items are the labels: masking them would leak them).
+  Each example also carries its own interaction text's tid (`own`) and, when that interaction is
+  one of the members its positive item's centroids average, that persona's position
+  (`own_slot`, matched by user and item, not by text); each persona carries its text's tid
+  (`Catalog.persona_tid`). The loss leaves the example's text out of that centroid.
 * validation lists (`protocol = leave_one_out`): each user's validation item among the
   evaluation-mode candidates of each generator, the history being the user's last k training
   interactions — exactly the `evaluate` job's validation protocol, so the metric the checkpoint is
@@ -59,6 +63,9 @@ class Catalog:
     persona_ptr: np.ndarray
     member_ptr: np.ndarray
     member_tid: np.ndarray
+    # per persona row: the tid of its own text — its vector when no member is left (what the index
+    # does for a persona nobody's interaction is assigned to); None = its members only
+    persona_tid: np.ndarray | None = None
 
     def row(self) -> dict[str, int]:
         return {item: r for r, item in enumerate(self.item_ids)}
@@ -85,6 +92,13 @@ class Examples:
     # per example: the position among its item's personas of the persona aligned to (user, item) —
     # the judge's or the review cluster's (alignment_pairs) — or -1 (train.alignment_weight)
     aligned: np.ndarray | None = None
+    # per example: the tid of its own interaction text (user, positive item), and the position
+    # among the positive's personas of the one whose centroid averages that interaction, or -1.
+    # The review clusters and the judge's pairs are built from the interactions a run may read, so
+    # an example's own interaction usually is a member; a recommended item never holds its
+    # reader's review, so the loss leaves it out (rerank.left_out). None = nothing to leave out.
+    own: np.ndarray | None = None
+    own_slot: np.ndarray | None = None
 
     def owned_keys(self, n_items: int) -> np.ndarray:
         """Sorted user_row · n_items + item_row of every (user, item) in `user_items`: one array
@@ -104,6 +118,11 @@ class Validation:
     cf_score: Lists  # float64, NaN for an appended target
     target: np.ndarray  # position of the target within its list, -1 where the generator missed it
     protocol: str
+    # per list, likewise: the user's text with the target and the target's persona whose centroid
+    # averages that interaction (a production run's sampled lists; never in an evaluation, whose
+    # clusters hold no held-out interaction), or -1
+    own: np.ndarray | None = None
+    own_slot: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
@@ -145,7 +164,7 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
     train_rows = texts.filter(F.col(SPLIT) == TRAIN)
     by_time = Window.partitionBy(USER_ID).orderBy(TS, "seq")
     examples = (train_rows.withColumn("history", F.collect_list("tkey").over(by_time.rowsBetween(-k, -1)))
-                .filter(F.size("history") > 0).select(USER_ID, ITEM_ID, "history"))
+                .filter(F.size("history") > 0).select(USER_ID, ITEM_ID, "history", F.col("tkey").alias("own")))
     n_examples = examples.count()  # the gate (validation_only) samples the validation users as training did
     fraction = sample_fraction(n_examples, s.max_examples)
     if fraction < 1.0:
@@ -170,13 +189,21 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
                  .select(USER_ID, F.transform("_neg", lambda x: x[ITEM_ID]).alias("negatives")))
     examples = (examples.join(negatives, USER_ID, "left")
                 .withColumn("negatives", F.coalesce("negatives", F.array().cast("array<string>"))))
+    # a persona's position among its item's personas (the catalogue's persona_index order); a
+    # pair naming another item's persona, or one gone from item_personas, has none
+    position = store.read(ITEM_PERSONAS.name).select(ITEM_ID, "persona_id", (F.row_number().over(
+        Window.partitionBy(ITEM_ID).orderBy("persona_index", "persona_id")) - 1).cast("int").alias("slot"))
+    members = persona_members(store, cfg)
+    if members is not None:  # which persona's centroid averages each interaction (at most one)
+        own_at = members.select(USER_ID, ITEM_ID, "persona_id").join(position, [ITEM_ID, "persona_id"]) \
+            .groupBy(USER_ID, ITEM_ID).agg(F.min("slot").alias("own_slot"))
+        examples = examples.join(own_at, [USER_ID, ITEM_ID], "left")
+    else:
+        examples = examples.withColumn("own_slot", F.lit(None).cast("int"))
     if s.alignment_weight > 0 and store.exists(ALIGNMENT_PAIRS.name):
-        # the aligned persona's position among its item's personas (the catalogue's persona_index
-        # order); a pair naming another item's persona, or one gone from item_personas, has none
-        position = store.read(ITEM_PERSONAS.name).select(ITEM_ID, "persona_id", (F.row_number().over(
-            Window.partitionBy(ITEM_ID).orderBy("persona_index", "persona_id")) - 1).cast("int").alias("aligned"))
         aligned = store.read(ALIGNMENT_PAIRS.name).select(USER_ID, ITEM_ID, "persona_id") \
-            .join(position, [ITEM_ID, "persona_id"]).select(USER_ID, ITEM_ID, "aligned")
+            .join(position.withColumnRenamed("slot", "aligned"), [ITEM_ID, "persona_id"]) \
+            .select(USER_ID, ITEM_ID, "aligned")
         examples = examples.join(aligned, [USER_ID, ITEM_ID], "left")  # one pair per (user, item): its keys
     else:
         if s.alignment_weight > 0:
@@ -210,11 +237,22 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
                   .select("generator", USER_ID, "history", "target",
                           F.transform("_c", lambda c: c[ITEM_ID]).alias("candidates"),
                           F.transform("_c", lambda c: c["cf_score"]).alias("cf_score")))
+    # a target whose centroid averages the user's own interaction with it (a production run's
+    # clusters read every review): its text, left out of that centroid when validating
+    held_out_texts = None
+    if members is not None:
+        held_out_texts = (texts.filter(F.col(SPLIT) == VALIDATION)
+                          .join(own_at, [USER_ID, ITEM_ID])
+                          .select(USER_ID, F.col(ITEM_ID).alias("target"), F.col("tkey").alias("own"), "own_slot",
+                                  "text"))
+        validation = validation.join(held_out_texts.drop("text"), [USER_ID, "target"], "left")
+    else:
+        validation = validation.withColumn("own", F.lit(None).cast("bigint")) \
+            .withColumn("own_slot", F.lit(None).cast("int"))
 
     items = (examples.select(F.explode(F.array_union(F.array(ITEM_ID), "negatives")).alias(ITEM_ID))
              .unionByName(validation.select(F.explode("candidates").alias(ITEM_ID))).distinct())
     personas = store.read(ITEM_PERSONAS.name).join(items, ITEM_ID, "left_semi")
-    members = persona_members(store, cfg)
     if members is not None:
         members = members.join(personas.select("persona_id"), "persona_id", "left_semi") \
             .withColumn("tkey", F.xxhash64("text"))
@@ -223,7 +261,7 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
     else:
         personas = personas.withColumn("members", F.lit(None).cast("array<bigint>"))
     own_text = F.xxhash64("persona_text")
-    personas = personas.select(ITEM_ID, "persona_index", "persona_id", "persona_text",
+    personas = personas.select(ITEM_ID, "persona_index", "persona_id", "persona_text", own_text.alias("own_text"),
                                F.coalesce("members", F.array(own_text)).alias("members"))
     # every text a key above names, once (a 64-bit hash collision among the sample's texts would
     # merge two texts: ~n²/2⁶⁵, negligible at millions of texts)
@@ -231,7 +269,9 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
     text_rows = train_rows.join(needed, USER_ID, "left_semi").select("tkey", "text") \
         .unionByName(personas.select(own_text.alias("tkey"), F.col("persona_text").alias("text")))
     if members is not None:
-        text_rows = text_rows.unionByName(members.select("tkey", "text"))
+        text_rows = text_rows.unionByName(members.select("tkey", "text")).unionByName(
+            held_out_texts.join(validation.select(USER_ID, "target").distinct(), [USER_ID, "target"], "left_semi")
+            .select(F.col("own").alias("tkey"), "text"))
     return {"examples": examples, "users": users, "validation": validation, "personas": personas.drop("persona_text"),
             "texts": text_rows.dropDuplicates(["tkey"]), "protocol": protocol}
 
@@ -239,7 +279,7 @@ def rerank_frames(store: TableStore, cfg: Config, validation_only: bool = False)
 def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> RerankData:
     """rerank_frames, brought to the driver as Arrow and turned into id arrays."""
     frames = rerank_frames(store, cfg, validation_only)
-    ex = frames["examples"].select(USER_ID, ITEM_ID, "history", "negatives", "aligned").toArrow()
+    ex = frames["examples"].select(USER_ID, ITEM_ID, "history", "negatives", "aligned", "own", "own_slot").toArrow()
     owners = frames["users"].toArrow()
     text_table = frames["texts"].toArrow()
     val = frames["validation"].orderBy("generator", USER_ID).toArrow()
@@ -260,7 +300,8 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
         counts[item_row[item]] += 1
     member_lists = [[tid(t) for t in m] for m in p_members]
     catalog = Catalog(item_ids, _csr(counts), _csr([len(m) for m in member_lists]),
-                      np.array([t for m in member_lists for t in m], dtype=np.int64))
+                      np.array([t for m in member_lists for t in m], dtype=np.int64),
+                      np.array([tid(t) for t in per.column("own_text").to_pylist()], dtype=np.int64))
 
     def known(items: list[str]) -> list[int]:  # items without a persona (none in practice) are left out
         return [item_row[i] for i in items if i in item_row]
@@ -268,12 +309,14 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     users = {u: n for n, u in enumerate(owners.column(USER_ID).to_pylist())}
     user_items_rows = {users[u]: known(owned) for u, owned in
                        zip(owners.column(USER_ID).to_pylist(), owners.column("user_items").to_pylist())}
-    positives, keep, histories, negs, aligned = [], [], [], [], []
-    for u, item, hist, neg, at in zip(*(ex.column(c).to_pylist()
-                                        for c in (USER_ID, ITEM_ID, "history", "negatives", "aligned"))):
+    positives, keep, histories, negs, aligned, own, own_slot = [], [], [], [], [], [], []
+    for u, item, hist, neg, at, text, slot in zip(*(ex.column(c).to_pylist() for c in (
+            USER_ID, ITEM_ID, "history", "negatives", "aligned", "own", "own_slot"))):
         if item not in item_row:
             continue
         aligned.append(-1 if at is None else at)
+        own.append(tid(text))
+        own_slot.append(-1 if slot is None else slot)
         positives.append(item_row[item])
         keep.append(users[u])
         histories.append([tid(t) for t in hist])
@@ -283,11 +326,14 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
         Lists(_csr(map(len, negs)), np.array([t for n in negs for t in n], dtype=np.int64)),
         Lists(_csr([len(user_items_rows.get(r, [])) for r in range(len(users))]),
               np.array([t for r in range(len(users)) for t in user_items_rows.get(r, [])], dtype=np.int64)),
-        list(users), np.array(aligned, dtype=np.int64))
+        list(users), np.array(aligned, dtype=np.int64), np.array(own, dtype=np.int64),
+        np.array(own_slot, dtype=np.int64))
 
-    v_hist, v_cands, v_cf, v_target, v_gen = [], [], [], [], []
-    for gen, hist, target, cands, cf in zip(*(val.column(c).to_pylist() for c in
-                                              ("generator", "history", "target", "candidates", "cf_score"))):
+    v_hist, v_cands, v_cf, v_target, v_gen, v_own, v_slot = [], [], [], [], [], [], []
+    for gen, hist, target, cands, cf, text, slot in zip(*(val.column(c).to_pylist() for c in (
+            "generator", "history", "target", "candidates", "cf_score", "own", "own_slot"))):
+        v_own.append(-1 if text is None else tid(text))
+        v_slot.append(-1 if slot is None else slot)
         keep_at = [j for j, c in enumerate(cands) if c in item_row]
         cands = [cands[j] for j in keep_at]
         v_gen.append(gen)
@@ -298,7 +344,8 @@ def collect(store: TableStore, cfg: Config, validation_only: bool = False) -> Re
     validation = Validation(v_gen, Lists(_csr(map(len, v_hist)), np.array([t for h in v_hist for t in h], dtype=np.int64)),
                             Lists(_csr(map(len, v_cands)), np.array([c for cs in v_cands for c in cs], dtype=np.int64)),
                             Lists(_csr(map(len, v_cf)), np.array([x for cs in v_cf for x in cs], dtype=np.float64)),
-                            np.array(v_target, dtype=np.int64), frames["protocol"])
+                            np.array(v_target, dtype=np.int64), frames["protocol"], np.array(v_own, dtype=np.int64),
+                            np.array(v_slot, dtype=np.int64))
     log.info("rerank data: %d training examples, %d validation lists (%s), %d items, %d personas, %d texts",
              len(train), len(validation), validation.protocol, len(item_ids), len(member_lists), len(ordered))
     if cfg.train.alignment_weight > 0:

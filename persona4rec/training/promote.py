@@ -41,6 +41,7 @@ from persona4rec.training.source import open_examples
 from persona4rec.training.trainer import evaluate
 
 log = logging.getLogger(__name__)
+ALREADY_CHAMPION = "challenger is already the champion"
 
 
 @dataclass(frozen=True)
@@ -122,17 +123,26 @@ def has_candidates(store: TableStore) -> bool:
     return store.exists(CANDIDATES.name) and bool(store.read(CANDIDATES.name).limit(1).count())
 
 
-def _decide(cfg: Config, client, name: str, val_set) -> Decision:
-    score = {}
-    versions = {}
+def measured(cfg: Config, client, name: str, measure) -> tuple[dict, dict]:
+    """({alias: measure(model)}, {alias: version}) for the challenger and the champion (absent
+    where the alias is not set); a champion that is the challenger (a rerun after promotion) is
+    loaded and measured once."""
+    results, versions = {}, {}
     for alias in (CHALLENGER, CHAMPION):
-        model, version = load_alias(cfg, alias)
-        versions[alias] = version
+        if alias == CHAMPION and CHALLENGER in results and alias_version(client, name, CHAMPION) == versions[CHALLENGER]:
+            versions[CHAMPION], results[CHAMPION] = versions[CHALLENGER], results[CHALLENGER]
+            continue
+        model, versions[alias] = load_alias(cfg, alias)
         if model is not None:
-            score[alias] = evaluate(model, val_set, cfg.profile.gamma, cfg.train.temperature,
-                                    cfg.train.batch_size)["top1_accuracy"]
+            results[alias] = measure(model)
+    return results, versions
+
+
+def _decide(cfg: Config, client, name: str, val_set) -> Decision:
+    score, versions = measured(cfg, client, name, lambda model: evaluate(
+        model, val_set, cfg.profile.gamma, cfg.train.temperature, cfg.train.batch_size)["top1_accuracy"])
     if versions[CHALLENGER] == versions[CHAMPION]:
-        promoted, reason = False, "challenger is already the champion"
+        promoted, reason = False, ALREADY_CHAMPION
     else:
         promoted, reason = decide(score[CHALLENGER], score.get(CHAMPION), cfg.mlflow.promotion_margin)
     decision = Decision(promoted, reason, versions[CHALLENGER], versions[CHAMPION], score.get(CHALLENGER),
@@ -141,15 +151,24 @@ def _decide(cfg: Config, client, name: str, val_set) -> Decision:
         mlflow.log_params({"challenger_version": versions[CHALLENGER], "champion_version": versions[CHAMPION],
                            "margin": cfg.mlflow.promotion_margin, "val_pairs": len(val_set)})
         mlflow.log_metrics({f"{k}_top1_accuracy": v for k, v in score.items() if not math.isnan(v)})
-        mlflow.set_tags({"decision": "promoted" if promoted else "refused", "reason": reason})
+        mlflow.set_tags({"decision": outcome(promoted, reason), "reason": reason})
     record(client, name, versions[CHALLENGER], promoted, reason,
            {"promotion_challenger_score": str(score.get(CHALLENGER)),
             "promotion_champion_score": str(score.get(CHAMPION))})
     return decision
 
 
+def outcome(promoted: bool, reason: str) -> str:
+    return "promoted" if promoted else ("unchanged" if reason == ALREADY_CHAMPION else "refused")
+
+
 def record(client, name: str, version: str, promoted: bool, reason: str, scores: dict[str, str]) -> None:
-    """Tag the challenger's version with the decision and its scores; move `@champion` if promoted."""
+    """Tag the challenger's version with the decision and its scores; move `@champion` if promoted.
+    A rerun after promotion (the challenger is the champion) leaves the version's tags as they
+    are: its promotion decision stays readable in the registry."""
+    if reason == ALREADY_CHAMPION:
+        log.info("promotion of %s v%s: unchanged (%s)", name, version, reason)
+        return
     tags = {"promotion_decision": "promoted" if promoted else "refused", "promotion_reason": reason, **scores}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -173,11 +192,7 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
         E = torch.from_numpy(embed(model, data.texts, batch_size=128))
         return rerank.validate(E, None, data, cfg.profile.gamma, grid)
 
-    results, versions = {}, {}
-    for alias in (CHALLENGER, CHAMPION):
-        model, versions[alias] = load_alias(cfg, alias)
-        if model is not None:
-            results[alias] = measure(model)
+    results, versions = measured(cfg, client, name, measure)
     s = cfg.train
     results["untuned"] = measure(load_encoder(s.base_model, s.device, s.max_seq_length))
     for g, a in alphas.items():  # `auto` with none chosen (e.g. a paper-objective model): the
@@ -186,7 +201,7 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
             set_blend_alpha(cfg, client, versions[CHALLENGER], g, alphas[g])
             log.info("scoring.alpha auto: no α chosen for %s yet, the gate chose %.2f on validation", g, alphas[g])
     if versions[CHALLENGER] == versions[CHAMPION]:
-        promoted, reason = False, "challenger is already the champion"
+        promoted, reason = False, ALREADY_CHAMPION
     else:
         promoted, reason = decide_ranking(results[CHALLENGER], results.get(CHAMPION), results["untuned"], alphas,
                                           cfg.mlflow.promotion_margin)
@@ -206,7 +221,7 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
                            "validation_protocol": data.validation.protocol,
                            **{f"served_alpha_{g}": a for g, a in alphas.items()}})
         mlflow.log_metrics({k: v for k, v in flat.items() if not math.isnan(v)})
-        mlflow.set_tags({"decision": "promoted" if promoted else "refused", "reason": reason})
+        mlflow.set_tags({"decision": outcome(promoted, reason), "reason": reason})
     record(client, name, versions[CHALLENGER], promoted, reason,
            {"promotion_metric": "validation_ndcg10", "promotion_challenger_score": str(score[CHALLENGER]),
             "promotion_champion_score": str(score.get(CHAMPION)), "promotion_untuned_score": str(score["untuned"])})

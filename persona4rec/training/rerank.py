@@ -21,11 +21,13 @@ generator's candidates", and with review-cluster personas it mostly learns clust
   (`in_batch_negatives`), minus the user's known items. Shapes: U (B, d); the batch's
   items I (m) with personas P (q, d) padded to (m, w); S = U Pᵀ (B, q) → (B, m, w) → pooled (B, m);
   logits masked to N_b ∪ {i_b}. (Listwise training over the first stage's own candidates: LCE,
-  Gao et al. 2021.)
+  Gao et al. 2021.) The positive's persona vectors leave out b's own interaction text, which
+  the centroids built from the training split hold and a served candidate never does
+  (`training_slots`, `left_out`; the validation lists likewise leave out the target's).
 * Auxiliary term (`alignment_weight` λ > 0): + λ · the cross-entropy, over the positive item's
   personas, of the persona aligned to that interaction (the LLM judge's, or the review cluster's:
   `alignment_pairs`) — the paper's signal in the serving geometry, for items with two or more
-  personas. Shapes: U (B', d), the item's personas (B', w) → cos / τ.
+  personas. Shapes: the positive's cosines (B, w), as in the ranking term → cos / τ.
 * Selection: after every epoch the validation lists (training/lists.py) are reranked — NDCG@10 of
   the pure rerank and of the blend at each α — and the head with the best mean pure NDCG@10 over
   the generators is kept (epoch 0 = the un-tuned encoder: training that does not help is not kept).
@@ -70,14 +72,15 @@ def mapped(E: torch.Tensor, W: torch.Tensor | None, tids: np.ndarray) -> torch.T
     return x if W is None else F.normalize(x @ W.T, dim=-1)
 
 
-def persona_block(E: torch.Tensor, W: torch.Tensor | None, catalog: Catalog,
-                  items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Persona vectors of `items` (item rows): (P (q, d), pad (m, w) into P, mask (m, w))."""
+def persona_sums(E: torch.Tensor, W: torch.Tensor | None, catalog: Catalog, items: np.ndarray
+                 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+    """The personas of `items` (item rows) before normalisation: (sums (q, d) of their mapped
+    member vectors, member counts (q,), their catalogue persona rows (q,), pad (m, w) into the q
+    personas, mask (m, w))."""
     p_rows, p_owner = ranges(catalog.persona_ptr, items)
     m_pos, m_owner = ranges(catalog.member_ptr, p_rows)
     vec = mapped(E, W, catalog.member_tid[m_pos])
     sums = torch.zeros(len(p_rows), E.shape[1], dtype=vec.dtype).index_add(0, torch.as_tensor(m_owner), vec)
-    P = F.normalize(sums, dim=-1)
     counts = np.bincount(p_owner, minlength=len(items))
     width = max(int(counts.max(initial=0)), 1)
     pos = np.arange(len(p_rows)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -85,7 +88,20 @@ def persona_block(E: torch.Tensor, W: torch.Tensor | None, catalog: Catalog,
     mask = np.zeros((len(items), width), dtype=bool)
     pad[p_owner, pos] = np.arange(len(p_rows))
     mask[p_owner, pos] = True
-    return P, torch.as_tensor(pad), torch.as_tensor(mask)
+    n_members = np.bincount(m_owner, minlength=len(p_rows))
+    return sums, n_members, p_rows, torch.as_tensor(pad), torch.as_tensor(mask)
+
+
+def training_slots(data: RerankData) -> np.ndarray | None:
+    """Per training example: the position among its positive's personas of the persona whose
+    centroid averages the example's own interaction, or -1 (`Examples.own_slot`, matched in Spark
+    by user and item); None when the examples carry none. Why it matters: the review clusters
+    (and the judge's pairs) are built from the interactions a run may read, so the positive's
+    centroid holds the very review being predicted (measured on Musical Instruments: 5,905 of
+    5,953 examples, a sixth of the median centroid), while a recommended item never holds its
+    reader's review. `left_out` takes it out."""
+    ex = data.train
+    return None if ex.own is None or ex.own_slot is None or not len(ex) else ex.own_slot
 
 
 def user_block(E: torch.Tensor, W: torch.Tensor | None, history: Lists, rows: np.ndarray, gamma: float) -> torch.Tensor:
@@ -99,18 +115,22 @@ def user_block(E: torch.Tensor, W: torch.Tensor | None, history: Lists, rows: np
                        dim=-1)
 
 
-def item_scores(U: torch.Tensor, P: torch.Tensor, pad: torch.Tensor, mask: torch.Tensor, pool: str,
-                tau_p: float) -> torch.Tensor:
-    """(B, m): each item's score for each user, pooled over its personas (max or smooth max)."""
-    sims = (U @ P.T)[:, pad].masked_fill(~mask[None], float("-inf"))
+def persona_sims(U: torch.Tensor, P: torch.Tensor, pad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, m, w): cos(user, persona) of each item's personas, -inf in the padding."""
+    return (U @ P.T)[:, pad].masked_fill(~mask[None], float("-inf"))
+
+
+def pooled(sims: torch.Tensor, pool: str, tau_p: float) -> torch.Tensor:
+    """(B, m) from (B, m, w): each item's score, its personas pooled (max or smooth max)."""
     if pool == "max":
         return sims.max(dim=2).values
     return tau_p * torch.logsumexp(sims / tau_p, dim=2)
 
 
 def batch_loss(E: torch.Tensor, W: torch.Tensor, data: RerankData, rows: np.ndarray, s: TrainSettings,
-               gamma: float, owned: np.ndarray | None = None) -> torch.Tensor:
-    """The listwise loss of the examples `rows`; `owned` = `Examples.owned_keys` (computed once)."""
+               gamma: float, owned: np.ndarray | None = None, slots: np.ndarray | None = None) -> torch.Tensor:
+    """The listwise loss of the examples `rows`; `owned` = `Examples.owned_keys` and `slots` =
+    `training_slots` (both computed once; training_slots when None)."""
     ex = data.train
     neg_pos, neg_owner = ranges(ex.negatives.ptr, rows)
     negatives = ex.negatives.values[neg_pos]
@@ -130,30 +150,63 @@ def batch_loss(E: torch.Tensor, W: torch.Tensor, data: RerankData, rows: np.ndar
     label = local[:len(rows)]
     allowed[np.arange(len(rows)), label] = True
     U = user_block(E, W, ex.history, rows, gamma)
-    P, pad, mask = persona_block(E, W, data.catalog, items)
-    logits = (item_scores(U, P, pad, mask, s.persona_pool, s.persona_temperature) / s.temperature) \
+    block = persona_sums(E, W, data.catalog, items)
+    sums, _, _, pad, mask = block
+    sims = persona_sims(U, F.normalize(sums, dim=-1), pad, mask)
+    slots = training_slots(data) if slots is None else slots
+    if slots is not None:
+        sims = left_out(sims, U, E, W, data.catalog, block, np.arange(len(rows)), label, slots[rows], ex.own[rows])
+    logits = (pooled(sims, s.persona_pool, s.persona_temperature) / s.temperature) \
         .masked_fill(~torch.as_tensor(allowed), float("-inf"))
     loss = F.cross_entropy(logits, torch.as_tensor(label))
     if s.alignment_weight > 0 and ex.aligned is not None:
-        loss = loss + s.alignment_weight * alignment_loss(U, P, pad, mask, label, ex.aligned[rows], s.temperature)
+        positive = sims[torch.arange(len(rows)), torch.as_tensor(label)]  # (B, w): the positive's personas
+        loss = loss + s.alignment_weight * alignment_loss(positive, ex.aligned[rows], s.temperature)
     return loss
 
 
-def alignment_loss(U: torch.Tensor, P: torch.Tensor, pad: torch.Tensor, mask: torch.Tensor, label: np.ndarray,
-                   aligned: np.ndarray, temperature: float) -> torch.Tensor:
+def left_out(sims: torch.Tensor, U: torch.Tensor, E: torch.Tensor, W: torch.Tensor | None, catalog: Catalog,
+             block: tuple, row: np.ndarray, item: np.ndarray, slot: np.ndarray, own: np.ndarray) -> torch.Tensor:
+    """`sims` (B, m, w) where, for each user row `row[j]` and its item `item[j]` (an index into
+    the block's m items), the persona at `slot[j]` (-1: none) is re-scored without the user's
+    own interaction text `own[j]`, one of its members: normalize(Σ members − own) — the held-out
+    condition the model is served in (with N − 1 members where the index, past the
+    `profile.centroid_members` cap, would take the next newest). A persona whose only member it
+    was falls back to its text's vector, as in the index (with no text known it keeps its score).
+    `block` = persona_sums' output."""
+    sums, n_members, p_rows, pad, _ = block
+    keep = slot >= 0
+    if not keep.any():
+        return sims
+    row, item, at, own = row[keep], item[keep], slot[keep], own[keep]
+    p = pad[torch.as_tensor(item), torch.as_tensor(at)].numpy()
+    rest = sums[torch.as_tensor(p)] - mapped(E, W, own)
+    alone = n_members[p] <= 1
+    if alone.any():
+        if catalog.persona_tid is None:
+            rest[torch.as_tensor(alone)] = sums[torch.as_tensor(p[alone])]
+        else:
+            rest[torch.as_tensor(alone)] = mapped(E, W, catalog.persona_tid[p_rows[p[alone]]])
+    values = (U[torch.as_tensor(row)] * F.normalize(rest, dim=-1)).sum(dim=-1)
+    return sims.index_put((torch.as_tensor(row), torch.as_tensor(item), torch.as_tensor(at)), values)
+
+
+def alignment_loss(positive: torch.Tensor, aligned: np.ndarray, temperature: float) -> torch.Tensor:
     """The paper's signal as an auxiliary term: for each example whose positive item has an aligned
     persona and at least two personas, the cross-entropy of cos(u, p)/τ over that item's personas
-    with the aligned one as the label (B', w); summed and divided by the batch size B, so λ weighs
-    each qualifying example the same whatever their share of the batch. Zero when none qualifies."""
-    own = torch.as_tensor(label)
-    width = mask[own].sum(dim=1).numpy()
-    use = np.flatnonzero((aligned >= 0) & (width >= 2) & (aligned < width))
+    with the aligned one as the label; summed and divided by the batch size B, so λ weighs each
+    qualifying example the same whatever their share of the batch. Zero when none qualifies.
+    Shapes: `positive` (B, w) = each example's cosines with its positive item's personas (its own
+    text left out of their centroids, as in the ranking term), -inf in the padding."""
+    finite = torch.isfinite(positive).numpy()
+    width = finite.sum(axis=1)
+    at = np.clip(aligned, 0, positive.shape[1] - 1)
+    use = np.flatnonzero((aligned >= 0) & (width >= 2) & (aligned < positive.shape[1])
+                        & finite[np.arange(len(aligned)), at])
     if not len(use):
-        return U.sum() * 0.0
+        return positive.nan_to_num(neginf=0.0).sum() * 0.0
     idx = torch.as_tensor(use)
-    slots = pad[own[idx]]  # (B', w) indices into P
-    sims = torch.einsum("bd,bwd->bw", U[idx], P[slots]).masked_fill(~mask[own[idx]], float("-inf"))
-    return F.cross_entropy(sims / temperature, torch.as_tensor(aligned[use]), reduction="sum") / len(label)
+    return F.cross_entropy(positive[idx] / temperature, torch.as_tensor(aligned[use]), reduction="sum") / len(aligned)
 
 
 def ndcg(rank: np.ndarray, k: int = NDCG_K) -> np.ndarray:
@@ -178,14 +231,26 @@ def validate(E: torch.Tensor, W: torch.Tensor | None, data: RerankData, gamma: f
     persona = np.full((n, width), -np.inf)
     cf = np.zeros((n, width))
     valid = np.zeros((n, width), dtype=bool)
+    # the target's own interaction text is no member of its centroid when served (a production
+    # run's sampled lists read every review; an evaluation's clusters never hold held-out ones)
+    listed = val.target >= 0
+    target_item = np.zeros(n, dtype=np.int64)
+    target_item[listed] = val.candidates.values[val.candidates.ptr[:-1][listed] + val.target[listed]]
+    slots = np.full(n, -1, dtype=np.int64)
+    own = slots.copy() if val.own is None else val.own
+    if val.own is not None and val.own_slot is not None:
+        slots = np.where(listed, val.own_slot, -1)
     for start in range(0, n, chunk):
         rows = np.arange(start, min(start + chunk, n))
         pos, owner = ranges(val.candidates.ptr, rows)
         cands = val.candidates.values[pos]
         items, local = np.unique(cands, return_inverse=True)
         U = user_block(E, W, val.history, rows, gamma)
-        P, pad, mask = persona_block(E, W, data.catalog, items)
-        scores = item_scores(U, P, pad, mask, "max", 1.0).numpy()
+        block = persona_sums(E, W, data.catalog, items)
+        sims = persona_sims(U, F.normalize(block[0], dim=-1), block[3], block[4])
+        sims = left_out(sims, U, E, W, data.catalog, block, rows - start,
+                        np.searchsorted(items, target_item[rows]), slots[rows], own[rows])
+        scores = pooled(sims, "max", 1.0).numpy()
         at = pos - val.candidates.ptr[rows][owner]
         persona[rows[owner], at] = scores[owner, local]
         cf[rows[owner], at] = val.cf_score.values[pos]
@@ -243,6 +308,10 @@ def fit(E_np: np.ndarray, data: RerankData, s: TrainSettings, gamma: float, alph
         on_epoch(0, result.curve[0])
     n = len(data.train)
     owned = data.train.owned_keys(len(data.catalog.item_ids))
+    slots = training_slots(data)
+    if slots is not None:
+        log.info("rerank training: %d of %d examples' own text left out of their positive's centroid",
+                 int((slots >= 0).sum()), n)
     for epoch in range(1, s.rerank_epochs + 1):
         order = rng.permutation(n)
         losses = []
@@ -250,7 +319,7 @@ def fit(E_np: np.ndarray, data: RerankData, s: TrainSettings, gamma: float, alph
             rows = order[start:start + s.rerank_batch_size]
             if len(rows) < 2:
                 continue
-            loss = batch_loss(E, W, data, rows, s, gamma, owned)
+            loss = batch_loss(E, W, data, rows, s, gamma, owned, slots)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
