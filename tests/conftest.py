@@ -19,6 +19,20 @@ def make_config(tmp_path: Path, *overrides: str) -> Config:
     return load_config("test", [f"storage.root={tmp_path / 'warehouse'}", *overrides])
 
 
+def promote_counting(spark, cfg: Config, monkeypatch, module, attr: str):
+    """promote.run(spark, cfg) with `module.attr` (the measure it calls per model) counted:
+    (the decision, how many times it was called)."""
+    from persona4rec.training import promote
+
+    calls = []
+    real = getattr(module, attr)
+    monkeypatch.setattr(module, attr, lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        return promote.run(spark, cfg), len(calls)
+    finally:
+        monkeypatch.undo()
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from persona4rec.spark import get_spark

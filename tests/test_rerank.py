@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import make_config, promote_counting
 from persona4rec.config import TrainSettings
 from persona4rec.schemas import ALIGNMENT_PAIRS, CANDIDATES, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEWS, SPLITS
 from persona4rec.tables import TableStore
@@ -422,12 +422,8 @@ def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_wo
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == report.model_version
     # a rerun: the champion is the challenger — measured once (it and the un-tuned encoder), and
     # the version's promotion tags stay "promoted"
-    validated = []
-    real = rerank.validate
-    monkeypatch.setattr(rerank, "validate", lambda *a, **k: validated.append(1) or real(*a, **k))
-    again = promote.run(spark, cfg)
-    monkeypatch.undo()
-    assert not again.promoted and again.reason == "challenger is already the champion" and len(validated) == 2
+    again, validated = promote_counting(spark, cfg, monkeypatch, rerank, "validate")
+    assert not again.promoted and again.reason == "challenger is already the champion" and validated == 2
     assert client.get_model_version(name, report.model_version).tags["promotion_decision"] == "promoted"
     assert len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.decision = 'unchanged'")) == 1
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import make_config
+from conftest import make_config, promote_counting
 from persona4rec.errors import InputError
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_PERSONAS, ITEM_SUMMARIES, REVIEW_ASPECTS, REVIEWS, SPLITS
 from persona4rec.tables import TableStore
@@ -201,12 +201,8 @@ def test_promotion_takes_a_better_model_and_refuses_a_worse_one(spark, tmp_path,
     assert first.promoted and first.reason == "no champion yet"
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
     # a rerun: the challenger is the champion — measured once, its "promoted" tag kept, the run "unchanged"
-    measured = []
-    real = promote.evaluate
-    monkeypatch.setattr(promote, "evaluate", lambda *a, **k: measured.append(1) or real(*a, **k))
-    again = promote.run(spark, cfg)
-    monkeypatch.undo()
-    assert not again.promoted and again.reason == "challenger is already the champion" and len(measured) == 1
+    again, measured = promote_counting(spark, cfg, monkeypatch, promote, "evaluate")
+    assert not again.promoted and again.reason == "challenger is already the champion" and measured == 1
     assert client.get_model_version(name, v1).tags["promotion_decision"] == "promoted"
     assert len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.decision = 'unchanged'")) == 1
 
