@@ -43,7 +43,7 @@ STAGES: list[tuple[str, Callable[..., Any], bool]] = [
 ]
 TABLES = ("reviews", "items", "splits", "rejected_records", "item_summaries", "review_aspects",
           "item_personas", "review_clusters", "alignment_pairs", "llm_calls", "persona_index",
-          "interaction_embeddings", "user_vectors", "candidates", "recommendations")
+          "interaction_embeddings", "text_embeddings", "user_vectors", "candidates", "recommendations")
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:

@@ -231,6 +231,18 @@ INTERACTION_EMBEDDINGS = TableSpec(
     ]),
 )
 
+TEXT_EMBEDDINGS = TableSpec(
+    name="text_embeddings",
+    keys=("text_hash",),
+    schema=T.StructType([
+        # sha2-256 of the text: a content address, so a text that many rows share (a persona
+        # member that is also in a user's window, a repeated review excerpt) is encoded once
+        T.StructField("text_hash", T.StringType(), False),
+        T.StructField("embedding", _VECTOR, False),  # L2-normalised, under model_version
+        T.StructField("model_version", T.StringType(), False),
+    ]),
+)
+
 USER_VECTORS = TableSpec(
     name="user_vectors",
     keys=(USER_ID,),

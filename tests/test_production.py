@@ -8,16 +8,19 @@ failures that must stop a nightly run.
 
 import dataclasses
 
+import numpy as np
 import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from conftest import make_config, write_lines
+from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.errors import InputError
 from persona4rec.ingest import job as ingest
 from persona4rec.offline import personas, summarise
-from persona4rec.schemas import INTERACTION_EMBEDDINGS, PERSONA_INDEX, TEST, TRAIN, VALIDATION
-from persona4rec.scoring import candidates, index, score
+from persona4rec.schemas import INTERACTION_EMBEDDINGS, PERSONA_INDEX, TEST, TEXT_EMBEDDINGS, TRAIN, VALIDATION
+from persona4rec.scoring import candidates, embedding, index, score
+from persona4rec.scoring import personas as personas_mod
 from persona4rec.tables import TableStore
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]
@@ -140,6 +143,40 @@ def test_evaluation_mode_keeps_leave_one_out_beside_production(spark, nightly):
     assert ev.join(held, ["user_id", "item_id"], "left_semi").count() > 0
     assert sorted(production_recs(store).collect()) == sorted(before)  # the e-mails are untouched
     assert store.read("candidates").filter("mode = 'production'").select("user_id").distinct().count() == 14
+
+
+def test_the_index_encodes_each_text_once_and_a_rerun_encodes_none(spark, nightly):
+    """Every text build_index needs (persona texts, centroid members, window interactions) is
+    looked up in text_embeddings by its hash: the index equals the one computed by encoding
+    directly, a rerun encodes nothing and commits no table version, and another model version
+    re-encodes every text (and leaves no row of the old one)."""
+    cfg, store, out = nightly
+    ref = embedding.resolve_encoder(cfg)
+    assert ref.version == out["index"]["model_version"]
+    n = store.read(TEXT_EMBEDDINGS.name).count()
+    needed = personas_mod.persona_texts(store, cfg).unionByName(
+        store.read(INTERACTION_EMBEDDINGS.name).join(stored_interaction_texts(store, cfg), ["user_id", "item_id"])
+        .select("text"))
+    assert n == needed.distinct().count() == out["index"]["texts_embedded"]
+    # members are interactions the windows read too: fewer texts encoded than rows that use them
+    uses = store.read(PERSONA_INDEX.name).count() + store.read(INTERACTION_EMBEDDINGS.name).count() + \
+        personas_mod.persona_members(store, cfg).count()
+    assert n < uses
+    direct = {r.persona_id: np.array(r.embedding) for r in personas_mod.persona_vectors(store, cfg, ref).collect()}
+    indexed = {r.persona_id: np.array(r.embedding) for r in store.read(PERSONA_INDEX.name).collect()}
+    assert direct.keys() == indexed.keys()
+    assert max(float(np.abs(direct[p] - indexed[p]).max()) for p in direct) < 1e-5
+    versions = {t: store.version(t) for t in (TEXT_EMBEDDINGS.name, PERSONA_INDEX.name, INTERACTION_EMBEDDINGS.name)}
+    again = index.run(spark, cfg)
+    assert again["texts_embedded"] == 0
+    assert {t: store.version(t) for t in versions} == versions
+    other = dataclasses.replace(ref, version="0#othermodel")
+    assert index.cached_vectors(store, needed, other) == n
+    assert [r[0] for r in store.read(TEXT_EMBEDDINGS.name).select("model_version").distinct().collect()] == \
+        ["0#othermodel"]
+    assert index.run(spark, cfg)["texts_embedded"] == n  # back to this model: all again
+    assert [r[0] for r in store.read(TEXT_EMBEDDINGS.name).select("model_version").distinct().collect()] == \
+        [ref.version]
 
 
 def test_missing_interaction_embeddings_fail_the_run_naming_the_model_version(spark, nightly):

@@ -53,8 +53,9 @@ from persona4rec.evaluation.metrics import metric_columns, spark_metrics
 from persona4rec.evaluation.rankings import eval_candidates, generator_ranks, reranked_ranks
 from persona4rec.schemas import (CANDIDATES, EVALUATION_METRICS, EVALUATION_RANKS, ITEM_ID, ITEM_SUMMARIES,
                                  REVIEW_CLUSTERS, REVIEWS, SPLIT, TEST, TRAIN, USER_ID, VALIDATION)
-from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder, untuned_encoder
-from persona4rec.scoring.personas import centroids, persona_vectors, with_centroids
+from persona4rec.scoring.embedding import (EncoderRef, embed_column, embed_distinct, resolve_encoder, untuned_encoder,
+                                           with_vectors)
+from persona4rec.scoring.personas import centroids, persona_texts, persona_vectors, with_centroids
 from persona4rec.scoring.blocks import Prepared, block_count, index_megabytes, prepare
 from persona4rec.scoring.window import vector_inputs
 from persona4rec.scoring.score import ScoringIndex, scoring_index
@@ -68,28 +69,32 @@ HISTORY = {VALIDATION: (TRAIN,), TEST: (TRAIN, VALIDATION)}
 
 class Embedded:
     """One encoder's view of the catalogue and the users: persona, summary and interaction
-    embeddings (computed once, kept in memory for every variant)."""
+    embeddings (computed once, kept in memory for every variant). Each distinct text is encoded
+    once: a persona's members are interactions that histories read too."""
 
     def __init__(self, store: TableStore, cfg: Config, ref: EncoderRef):
         self.ref = ref
-        self.personas = persona_vectors(store, cfg, ref).persist()  # profile.persona_vectors
         summaries = store.read(ITEM_SUMMARIES.name).select(
             ITEM_ID, F.concat(F.col(ITEM_ID), F.lit("#summary")).alias("persona_id"), F.lit(0).alias("persona_index"),
             F.lit("Item summary").alias("name"), F.col("summary").alias("description"),
             F.lit("").alias("preference_rationale"), F.col("summary").alias("persona_text"))
-        self.summaries = embed_column(summaries, "persona_text", ref).persist()
         # what the validation (train history) and test (train + validation) user vectors read
         texts = vector_inputs(stored_interaction_texts(store, cfg).filter(F.col(SPLIT).isin(TRAIN, VALIDATION)),
                               cfg.profile.k, (TRAIN,))
-        self.interactions = embed_column(texts, "text", ref).persist()
-        log.info("evaluation embeddings with %s: %d personas, %d summaries, %d interactions", ref.version,
-                 self.personas.count(), self.summaries.count(), self.interactions.count())
+        self.texts = embed_distinct(persona_texts(store, cfg).unionByName(
+            summaries.select(F.col("persona_text").alias("text"))).unionByName(texts.select("text")), ref).persist()
+        self.personas = persona_vectors(store, cfg, ref, vectors=self.texts).persist()  # profile.persona_vectors
+        self.summaries = with_vectors(summaries, "persona_text", self.texts).persist()
+        self.interactions = with_vectors(texts, "text", self.texts).persist()
+        log.info("evaluation embeddings with %s: %d distinct texts encoded for %d personas, %d summaries, "
+                 "%d interactions", ref.version, self.texts.count(), self.personas.count(), self.summaries.count(),
+                 self.interactions.count())
 
     def vectors(self, split: str, k: int, gamma: float) -> DataFrame:
         return compute_user_vectors(self.interactions.filter(F.col(SPLIT).isin(*HISTORY[split])), k, gamma)
 
     def release(self) -> None:
-        for df in (self.personas, self.summaries, self.interactions):
+        for df in (self.texts, self.personas, self.summaries, self.interactions):
             df.unpersist()
 
 

@@ -18,7 +18,8 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from persona4rec.config import Config
@@ -125,3 +126,31 @@ def embed_column(df: DataFrame, text_col: str, ref: EncoderRef, batch_size: int 
             yield out
 
     return df.mapInPandas(encode, schema)
+
+
+def text_hash(text_col: str) -> Column:
+    """The content address of a text (sha2-256, hex): what `text_embeddings` and
+    `interaction_embeddings.text_hash` key a text by."""
+    return F.sha2(F.col(text_col), 256)
+
+
+def embed_distinct(texts: DataFrame, ref: EncoderRef, batch_size: int = 64) -> DataFrame:
+    """text_hash, embedding, model_version for every distinct text of `texts` (column `text`):
+    a text many rows share — a persona's member that is also in a user's window, a summary that
+    is also a persona text — is encoded once."""
+    hashed = texts.select(text_hash("text").alias("text_hash"), "text").dropDuplicates(["text_hash"])
+    return embed_column(hashed, "text", ref, batch_size).drop("text")
+
+
+def with_vectors(df: DataFrame, text_col: str, vectors: DataFrame) -> DataFrame:
+    """`df` + `embedding` + `model_version` looked up by the hash of `df[text_col]` in `vectors`
+    (text_hash, embedding, model_version: embed_distinct's output or the text_embeddings cache),
+    which must hold every text of `df` (callers build it from the same frames): a text it lacks
+    fails the query naming its hash, never drops the row."""
+    missing = F.raise_error(F.concat(F.lit(f"no embedding for a text of column '{text_col}' (text_hash "),
+                                     F.col("_text_hash"), F.lit(")")))
+    return (df.withColumn("_text_hash", text_hash(text_col))
+            .join(vectors.select(F.col("text_hash").alias("_text_hash"), "embedding", "model_version"), "_text_hash",
+                  "left")
+            .withColumn("embedding", F.when(F.col("embedding").isNull(), missing).otherwise(F.col("embedding")))
+            .drop("_text_hash"))

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.config import Config
 from persona4rec.schemas import ALIGNMENT_PAIRS, ITEM_ID, ITEM_PERSONAS, REVIEW_CLUSTERS, TS, USER_ID
-from persona4rec.scoring.embedding import EncoderRef, embed_column
+from persona4rec.scoring.embedding import EncoderRef, embed_column, with_vectors
 from persona4rec.tables import TableStore
 
 
@@ -72,14 +72,34 @@ def with_centroids(personas: DataFrame, cents: DataFrame) -> DataFrame:
         "embedding", F.coalesce("centroid", "embedding")).drop("centroid")
 
 
-def persona_vectors(store: TableStore, cfg: Config, ref: EncoderRef, personas: DataFrame | None = None) -> DataFrame:
+def item_personas(store: TableStore) -> DataFrame:
+    """The item_personas columns a persona vector and its explanation read."""
+    return store.read(ITEM_PERSONAS.name).select(
+        "persona_id", ITEM_ID, "persona_index", "name", "description", "preference_rationale", "persona_text")
+
+
+def persona_texts(store: TableStore, cfg: Config, personas: DataFrame | None = None) -> DataFrame:
+    """text: every text persona_vectors encodes (each persona's text and its centroid's member
+    texts), to embed once beforehand (`vectors=`)."""
+    personas = item_personas(store) if personas is None else personas
+    texts = personas.select(F.col("persona_text").alias("text"))
+    members = persona_members(store, cfg)
+    return texts if members is None else texts.unionByName(members.select("text"))
+
+
+def persona_vectors(store: TableStore, cfg: Config, ref: EncoderRef, personas: DataFrame | None = None,
+                    vectors: DataFrame | None = None) -> DataFrame:
     """item_personas' columns (or `personas`) + `embedding` (the persona vector under `ref`, per
-    `profile.persona_vectors`) + `model_version` + `centroid_of`."""
-    if personas is None:
-        personas = store.read(ITEM_PERSONAS.name).select(
-            "persona_id", ITEM_ID, "persona_index", "name", "description", "preference_rationale", "persona_text")
-    embedded = embed_column(personas, "persona_text", ref)
+    `profile.persona_vectors`) + `model_version` + `centroid_of`. The texts are encoded here, or
+    looked up in `vectors` (text_hash, embedding, model_version: embedding.embed_distinct over
+    `persona_texts`, or the text_embeddings cache) when given."""
+    personas = item_personas(store) if personas is None else personas
+
+    def embed(df: DataFrame, col: str) -> DataFrame:
+        return embed_column(df, col, ref) if vectors is None else with_vectors(df, col, vectors)
+
+    embedded = embed(personas, "persona_text")
     members = persona_members(store, cfg)
     if members is None:
         return embedded.withColumn("centroid_of", F.lit(0))
-    return with_centroids(embedded, centroids(embed_column(members, "text", ref)))
+    return with_centroids(embedded, centroids(embed(members, "text")))
