@@ -170,6 +170,12 @@ def test_the_index_encodes_each_text_once_and_a_rerun_encodes_none(spark, nightl
     again = index.run(spark, cfg)
     assert again["texts_embedded"] == 0
     assert {t: store.version(t) for t in versions} == versions
+    # a night's new text is encoded alone, and a text no longer needed leaves the cache
+    note = spark.createDataFrame([("A reader's note nobody else wrote.",)], "text string")
+    assert index.cached_vectors(store, needed.unionByName(note), ref) == 1
+    assert store.read(TEXT_EMBEDDINGS.name).count() == n + 1
+    assert index.cached_vectors(store, needed, ref) == 0
+    assert store.read(TEXT_EMBEDDINGS.name).count() == n
     other = dataclasses.replace(ref, version="0#othermodel")
     assert index.cached_vectors(store, needed, other) == n
     assert [r[0] for r in store.read(TEXT_EMBEDDINGS.name).select("model_version").distinct().collect()] == \

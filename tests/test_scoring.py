@@ -311,6 +311,24 @@ def test_only_the_interactions_a_user_vector_reads_are_embedded(spark):
 
 
 @pytest.mark.spark
+def test_vectors_are_looked_up_by_text_and_a_missing_text_fails_the_query(spark):
+    import hashlib
+
+    from persona4rec.scoring.embedding import with_vectors
+    vectors = spark.createDataFrame([(hashlib.sha256(t.encode()).hexdigest(), [float(i), 1.0], "3#abc")
+                                     for i, t in enumerate(["jazz", "chess"])],
+                                    "text_hash string, embedding array<float>, model_version string")
+    rows = spark.createDataFrame([("u1", "chess"), ("u2", "jazz"), ("u3", "chess")], "user_id string, t string")
+    got = {r.user_id: (r.t, list(r.embedding), r.model_version) for r in with_vectors(rows, "t", vectors).collect()}
+    assert got == {"u1": ("chess", [1.0, 1.0], "3#abc"), "u2": ("jazz", [0.0, 1.0], "3#abc"),
+                   "u3": ("chess", [1.0, 1.0], "3#abc")}
+    unknown = rows.unionByName(spark.createDataFrame([("u4", "knitting")], "user_id string, t string"))
+    knitting = hashlib.sha256(b"knitting").hexdigest()
+    with pytest.raises(Exception, match=rf"no embedding for a text of column 't' \(text_hash {knitting}\)"):
+        with_vectors(unknown, "t", vectors).collect()
+
+
+@pytest.mark.spark
 def test_a_run_needing_more_history_than_build_index_embedded_fails(spark, tmp_path):
     from persona4rec.scoring.window import WINDOW_PROPERTY, check_window, window_value
     cfg = make_config(tmp_path, "mode=evaluation", "scoring.run_date=2026-01-02")

@@ -89,12 +89,13 @@ class Embedded:
         log.info("evaluation embeddings with %s: %d distinct texts encoded for %d personas, %d summaries, "
                  "%d interactions", ref.version, self.texts.count(), self.personas.count(), self.summaries.count(),
                  self.interactions.count())
+        self.texts.unpersist()  # what the variants read is materialised above
 
     def vectors(self, split: str, k: int, gamma: float) -> DataFrame:
         return compute_user_vectors(self.interactions.filter(F.col(SPLIT).isin(*HISTORY[split])), k, gamma)
 
     def release(self) -> None:
-        for df in (self.texts, self.personas, self.summaries, self.interactions):
+        for df in (self.personas, self.summaries, self.interactions):
             df.unpersist()
 
 

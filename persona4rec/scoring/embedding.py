@@ -129,8 +129,8 @@ def embed_column(df: DataFrame, text_col: str, ref: EncoderRef, batch_size: int 
 
 
 def text_hash(text_col: str) -> Column:
-    """The content address of a text (sha2-256, hex): what `text_embeddings` and
-    `interaction_embeddings.text_hash` key a text by."""
+    """The content address of a text (sha2-256, hex): the key of `text_embeddings`, and
+    `interaction_embeddings.text_hash`."""
     return F.sha2(F.col(text_col), 256)
 
 
@@ -148,7 +148,7 @@ def with_vectors(df: DataFrame, text_col: str, vectors: DataFrame) -> DataFrame:
     which must hold every text of `df` (callers build it from the same frames): a text it lacks
     fails the query naming its hash, never drops the row."""
     missing = F.raise_error(F.concat(F.lit(f"no embedding for a text of column '{text_col}' (text_hash "),
-                                     F.col("_text_hash"), F.lit(")")))
+                                     F.coalesce(F.col("_text_hash"), F.lit("of a null text")), F.lit(")")))
     return (df.withColumn("_text_hash", text_hash(text_col))
             .join(vectors.select(F.col("text_hash").alias("_text_hash"), "embedding", "model_version"), "_text_hash",
                   "left")

@@ -44,19 +44,22 @@ log = logging.getLogger(__name__)
 def cached_vectors(store: TableStore, texts: DataFrame, ref: EncoderRef) -> int:
     """Bring `text_embeddings` to exactly the distinct texts of `texts` (column `text`) under
     `ref`, encoding only those it does not already hold under `ref.version`; returns how many
-    were encoded."""
+    were encoded. Only the new vectors go through the MERGE and only the keys of the texts that
+    left are deleted, so a night costs its new texts, not the size of the cache."""
     hashed = texts.select(text_hash("text").alias("text_hash"), "text").dropDuplicates(["text_hash"])
-    todo, keep = hashed, None
+    todo = hashed
     if store.exists(TEXT_EMBEDDINGS.name):
         done = store.read(TEXT_EMBEDDINGS.name).filter(F.col("model_version") == ref.version)
         todo = hashed.join(done.select("text_hash"), "text_hash", "left_anti")
-        keep = done.join(hashed.select("text_hash"), "text_hash", "left_semi")
     n = todo.count()
-    rows = embed_column(todo, "text", ref).select(TEXT_EMBEDDINGS.columns)
-    if keep is not None:
-        rows = rows.unionByName(keep.select(TEXT_EMBEDDINGS.columns))
-    parallelism = store.spark.sparkContext.defaultParallelism
-    store.upsert(rows.repartition(parallelism), TEXT_EMBEDDINGS, delete_missing=True)
+    if n:  # spread over the cluster: the anti-join's output may have been coalesced to a few partitions
+        fresh = embed_column(todo.repartition(store.spark.sparkContext.defaultParallelism), "text", ref)
+        store.upsert(fresh.select(TEXT_EMBEDDINGS.columns), TEXT_EMBEDDINGS)
+    else:
+        store.ensure(TEXT_EMBEDDINGS)
+    left = store.read(TEXT_EMBEDDINGS.name).select("text_hash").join(hashed.select("text_hash"), "text_hash", "left_anti")
+    if left.limit(1).count():  # no longer needed, or of another model version: an unchanged rerun commits nothing
+        store.delete_keys(TEXT_EMBEDDINGS, left)
     return n
 
 
