@@ -139,6 +139,8 @@ def embed_distinct(texts: DataFrame, ref: EncoderRef, batch_size: int = 64) -> D
     a text many rows share — a persona's member that is also in a user's window, a summary that
     is also a persona text — is encoded once."""
     hashed = texts.select(text_hash("text").alias("text_hash"), "text").dropDuplicates(["text_hash"])
+    # spread over the cluster: the de-duplication's output may have been coalesced to a few partitions
+    hashed = hashed.repartition(texts.sparkSession.sparkContext.defaultParallelism)
     return embed_column(hashed, "text", ref, batch_size).drop("text")
 
 
