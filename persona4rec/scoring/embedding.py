@@ -134,14 +134,24 @@ def text_hash(text_col: str) -> Column:
     return F.sha2(F.col(text_col), 256)
 
 
+def distinct_texts(texts: DataFrame) -> DataFrame:
+    """text_hash, text: each distinct text of `texts` (column `text`) once."""
+    return texts.select(text_hash("text").alias("text_hash"), "text").dropDuplicates(["text_hash"])
+
+
+def encode_texts(hashed: DataFrame, ref: EncoderRef, batch_size: int = 64) -> DataFrame:
+    """text_hash, embedding, model_version of `hashed` (distinct_texts' rows), spread over the
+    cluster first: a de-duplication or anti-join's output may have been coalesced to a few
+    partitions, and encoding is the expensive step."""
+    spread = hashed.repartition(hashed.sparkSession.sparkContext.defaultParallelism)
+    return embed_column(spread, "text", ref, batch_size).drop("text")
+
+
 def embed_distinct(texts: DataFrame, ref: EncoderRef, batch_size: int = 64) -> DataFrame:
     """text_hash, embedding, model_version for every distinct text of `texts` (column `text`):
     a text many rows share — a persona's member that is also in a user's window, a summary that
     is also a persona text — is encoded once."""
-    hashed = texts.select(text_hash("text").alias("text_hash"), "text").dropDuplicates(["text_hash"])
-    # spread over the cluster: the de-duplication's output may have been coalesced to a few partitions
-    hashed = hashed.repartition(texts.sparkSession.sparkContext.defaultParallelism)
-    return embed_column(hashed, "text", ref, batch_size).drop("text")
+    return encode_texts(distinct_texts(texts), ref, batch_size)
 
 
 def with_vectors(df: DataFrame, text_col: str, vectors: DataFrame) -> DataFrame:

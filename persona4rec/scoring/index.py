@@ -33,7 +33,8 @@ from pyspark.sql import functions as F
 from persona4rec.alignment.profiles import stored_interaction_texts
 from persona4rec.config import Config
 from persona4rec.schemas import INTERACTION_EMBEDDINGS, PERSONA_INDEX, TEXT_EMBEDDINGS
-from persona4rec.scoring.embedding import EncoderRef, embed_column, resolve_encoder, text_hash, with_vectors
+from persona4rec.scoring.embedding import (EncoderRef, distinct_texts, encode_texts, resolve_encoder, text_hash,
+                                          with_vectors)
 from persona4rec.scoring.personas import item_personas, persona_texts, persona_vectors
 from persona4rec.scoring.window import WINDOW_PROPERTY, vector_inputs, window_value
 from persona4rec.tables import TableStore
@@ -46,15 +47,14 @@ def cached_vectors(store: TableStore, texts: DataFrame, ref: EncoderRef) -> int:
     `ref`, encoding only those it does not already hold under `ref.version`; returns how many
     were encoded. Only the new vectors go through the MERGE and only the keys of the texts that
     left are deleted, so a night costs its new texts, not the size of the cache."""
-    hashed = texts.select(text_hash("text").alias("text_hash"), "text").dropDuplicates(["text_hash"])
+    hashed = distinct_texts(texts)
     todo = hashed
     if store.exists(TEXT_EMBEDDINGS.name):
         done = store.read(TEXT_EMBEDDINGS.name).filter(F.col("model_version") == ref.version)
         todo = hashed.join(done.select("text_hash"), "text_hash", "left_anti")
     n = todo.count()
-    if n:  # spread over the cluster: the anti-join's output may have been coalesced to a few partitions
-        fresh = embed_column(todo.repartition(store.spark.sparkContext.defaultParallelism), "text", ref)
-        store.upsert(fresh.select(TEXT_EMBEDDINGS.columns), TEXT_EMBEDDINGS)
+    if n:
+        store.upsert(encode_texts(todo, ref).select(TEXT_EMBEDDINGS.columns), TEXT_EMBEDDINGS)
     else:
         store.ensure(TEXT_EMBEDDINGS)
     left = store.read(TEXT_EMBEDDINGS.name).select("text_hash").join(hashed.select("text_hash"), "text_hash", "left_anti")
