@@ -6,11 +6,14 @@ generators it reranks, leave-one-out on the test split, on any supported review 
 
 Runs ingest → summaries → aspects → personas → align → generate_candidates (ALS and BPR-MF, top
 20, `mode=evaluation`) → train_encoder → promote_model → evaluate in one local Spark session with
-fixed seeds, on the configured training objective (`train.objective`, default rerank; the paper's
+fixed seeds, served as the production bundle serves (`scoring.alpha=auto`: the blend at the α
+validation chooses, which `train.selection: served` then also chooses the checkpoint on), on the
+configured training objective (`train.objective`, default rerank; the paper's
 `--set train.objective=alignment --max-steps 150` is the old default) and persona vectors
 (`profile.persona_vectors`), then prints the table (generator × variant × metric@K, with the relative change over the
 generator) and one JSON line per generator:
-{"bench": "quality", "dataset", "builder", "objective", "alignment_weight", "persona_vectors", "generator", "users",
+{"bench": "quality", "dataset", "builder", "objective", "alignment_weight", "selection", "scoring_alpha",
+ "persona_vectors", "generator", "users",
  "ndcg10_generator", "ndcg10_vanilla",
  "ndcg10_finetuned", "ndcg10_blend", "alpha", "hr10_generator", "hr10_finetuned", "ndcg10_gain_ci"}
 (`ndcg10_gain_ci`: paired bootstrap 95% interval of NDCG@10 finetuned / generator), and with the
@@ -83,7 +86,7 @@ def main() -> None:
                  f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"mlflow.artifact_root={out}/mlruns",
                  *([f"train.max_steps={args.max_steps}"] if args.max_steps else []), "candidates.top_n=20", "candidates.generators=[als,bpr]",
                  f"evaluation.representation_variants={str(args.builder == 'extractive').lower()}",
-                 *args.set]
+                 "scoring.alpha=auto", *args.set]
     cfg = load_config(None, overrides)
     spark = get_spark(cfg)
     started, timings = time.time(), {}
@@ -106,6 +109,7 @@ def main() -> None:
     for gen, m in summary["generators"].items():
         print(json.dumps({"bench": "quality", "dataset": dataset, "builder": args.builder,
                           "objective": cfg.train.objective, "alignment_weight": cfg.train.alignment_weight,
+                          "selection": cfg.train.selection, "scoring_alpha": cfg.scoring.alpha,
                           "persona_vectors": cfg.profile.persona_vectors, "generator": gen,
                           "users": m["users"], "ndcg10_generator": m["ndcg10_generator"],
                           "ndcg10_vanilla": m["ndcg10_vanilla"], "ndcg10_finetuned": m["ndcg10_finetuned"],

@@ -235,6 +235,10 @@ class TrainSettings:
     rerank_batch_size: int = 1024  # many in-batch negatives: what made the difference on the shared sets
     rerank_learning_rate: float = 0.003
     rerank_patience: int = 5  # stop after this many epochs without a better validation NDCG@10
+    # what the checkpoint is chosen and the model promoted on, validation NDCG@10 (mean over the
+    # generators) of: `served` = the blend at the α the e-mails use (a numeric scoring.alpha, or
+    # for auto the α validation chooses); `pure` = the pure rerank, whatever is served
+    selection: Literal["served", "pure"] = "served"
     max_examples: int = 200_000  # training examples the rerank objective reads (a user-hash sample beyond)
     # The paper's alignment signal as an auxiliary term of the rerank loss: for an example whose
     # (user, item) has an aligned persona (the judge's, or the review cluster's), the cross-entropy of
@@ -294,6 +298,12 @@ class ScoringSettings:
     index_dtype: Literal["float32", "float16"] = "float32"
     run_date: str | None = None  # YYYY-MM-DD; null = today (UTC)
     history_splits: tuple[str, ...] = ("train",)  # interactions that make the user vector
+
+    @property
+    def served_alpha(self) -> float | None:
+        """The blend α the e-mails use: a numeric `alpha`, or None for `auto` (the α validation
+        chooses for the model, tagged on its version) — what `train.selection: served` measures."""
+        return None if self.alpha == "auto" else float(self.alpha)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,21 @@ def test_scoring_job_runs_production_mode_and_evaluate_gets_evaluation_candidate
     training = {t["task_key"]: t for t in jobs["training"]["tasks"]}
     assert load_config(None, _overrides(training["generate_candidates"])).mode == "evaluation"
     assert "generate_candidates" in {d["task_key"] for d in training["evaluate"]["depends_on"]}
-    assert load_config(None, _overrides(jobs["scoring"]["tasks"][-1])).scoring.alpha == "auto"
+
+
+def _config(task):
+    args = parser("x").parse_args([substitute(p) for p in task["spark_python_task"]["parameters"]])
+    return load_config(args.target, args.overrides)
+
+
+def test_training_selects_and_promotion_gates_on_the_blend_the_emails_are_served_with():
+    jobs = BUNDLE["resources"]["jobs"]
+    training = {t["task_key"]: t for t in jobs["training"]["tasks"]}
+    served = {name: _config(task) for name, task in
+              [("train_encoder", training["train_encoder"]), ("promote_model", training["promote_model"]),
+               ("score_users", jobs["scoring"]["tasks"][-1])]}
+    assert {name: cfg.scoring.alpha for name, cfg in served.items()} == dict.fromkeys(served, "auto")
+    assert {cfg.train.selection for cfg in served.values()} == {"served"}
 
 
 def test_llm_tasks_carry_provider_sized_limits_and_the_papers_persona_range():

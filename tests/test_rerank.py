@@ -7,6 +7,7 @@ generator's candidates learns to put the user's colour first.
 """
 
 import random
+from dataclasses import replace
 
 import mlflow
 import numpy as np
@@ -182,6 +183,43 @@ def test_the_rerank_head_learns_what_the_untuned_encoder_cannot_and_keeps_the_be
     # the kept head is the best epoch's: validating with it reproduces that epoch's figure
     again = rerank.validate(torch.from_numpy(E), torch.from_numpy(result.head), data, 0.9, (1.0,))
     assert again["selection"] == pytest.approx(best["selection"])
+
+
+@pytest.mark.unit
+def test_the_checkpoint_is_chosen_on_what_will_be_served():
+    """train.selection: served measures the blend at the α scoring uses. Served at α 0 (the
+    generator's own order, which no head changes) no epoch is better than the un-tuned encoder, so
+    the identity head is kept although the pure rerank improves; selected on the pure rerank, or
+    served at the α validation chooses (auto), training is kept."""
+    data, E = toy_data(np.random.default_rng(0))
+    s = TrainSettings(rerank_epochs=4, rerank_batch_size=16, rerank_learning_rate=0.01, rerank_patience=4)
+    grid = (0.0, 0.5, 1.0)
+    at_zero = rerank.fit(E, data, s, 0.9, grid, served_alpha=0.0)
+    assert at_zero.best_epoch == 0 and np.array_equal(at_zero.head, np.eye(E.shape[1], dtype=np.float32))
+    assert at_zero.curve[-1]["pure"] > at_zero.curve[0]["pure"]  # training did help the pure rerank
+    assert {c["served"] for c in at_zero.curve} == {at_zero.curve[0]["generators"]["als"]["generator"]}
+    for selection in ("pure", "served"):
+        kept = rerank.fit(E, data, replace(s, selection=selection), 0.9, grid)
+        assert kept.best_epoch > 0
+        assert kept.curve[kept.best_epoch][selection] == max(c[selection] for c in kept.curve)
+
+
+@pytest.mark.unit
+def test_the_served_figure_is_the_blend_at_the_served_alpha_or_the_pure_rerank_without_generator_ranks():
+    data, E = toy_data(np.random.default_rng(2))
+    E = torch.from_numpy(E)
+    auto = rerank.validate(E, None, data, 0.9, (0.0, 0.5, 1.0))
+    m = auto["generators"]["als"]
+    assert m["served_alpha"] == m["best_alpha"] and m["served"] == m["best_blend"] == max(m["blend"].values())
+    assert auto["selection"] == auto["served"] and auto["pure"] == m["pure"]
+    fixed = rerank.validate(E, None, data, 0.9, (0.0, 0.5, 1.0), served_alpha=0.0, selection="pure")
+    f = fixed["generators"]["als"]
+    assert f["served_alpha"] == 0.0 and f["served"] == f["generator"] and fixed["selection"] == f["pure"]
+    val = data.validation  # without the generator's ranks of the target (sampled lists): the pure rerank
+    cf = Lists(val.cf_score.ptr, np.full(len(val.cf_score.values), np.nan))
+    sampled = replace(data, validation=replace(val, cf_score=cf, protocol=SAMPLED))
+    g = rerank.validate(E, None, sampled, 0.9, (0.0, 0.5, 1.0), served_alpha=0.5)["generators"]["als"]
+    assert g["served_alpha"] == 1.0 and g["served"] == g["pure"] and g["generator"] is None
 
 
 @pytest.mark.unit
@@ -454,3 +492,8 @@ def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_wo
     fourth = promote.run(spark, auto)
     assert not fourth.promoted and "does not beat champion" in fourth.reason, fourth
     assert blend_alpha(auto, v4, "als") is not None
+    # ... and compares it on what is served with auto (train.selection: served), the blend at that α
+    logged = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName = 'promote'",
+                                order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    assert fourth.challenger_score == pytest.approx(logged["metrics.challenger_val_served_ndcg10_als"])
+    assert logged["metrics.challenger_val_served_ndcg10_als"] != logged["metrics.challenger_val_ndcg10_als"]

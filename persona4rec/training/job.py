@@ -2,10 +2,12 @@
 
 `train.objective: rerank` (the default, training/rerank.py) trains a linear head on the frozen
 encoder to rank each user's next item above the CF generator's candidates, and keeps the epoch
-with the best validation NDCG@10 of that rerank; the run logs the per-epoch validation curve (epoch
-0 = the un-tuned encoder), the generator's own NDCG@10 on the same lists, the blend α per
-generator (also tagged on the model version, for `scoring.alpha: auto`), and registers the encoder
-with its head. `train.objective: alignment` is the paper's objective, described below.
+with the best validation NDCG@10 of what will be served (`train.selection: served`: the blend at
+the α of `scoring.alpha`, or for `auto` the α validation chooses; `pure`: the pure rerank); the
+run logs the per-epoch validation curve (epoch 0 = the un-tuned encoder), the generator's own
+NDCG@10 on the same lists, the blend α per generator (also tagged on the model version, for
+`scoring.alpha: auto`), and registers the encoder with its head. `train.objective: alignment` is
+the paper's objective, described below.
 
 The run logs every setting that matters (never secrets), the loss and learning rate per step,
 validation loss and top-1 persona accuracy per epoch (and of the un-tuned encoder, as step 0), a
@@ -104,7 +106,8 @@ def _fit(store: TableStore, cfg: Config, train_set, val_set):
 
     with mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as active:
         params = {f"train.{k}": v for k, v in asdict(s).items()}
-        params.update({"profile.k": cfg.profile.k, "profile.gamma": cfg.profile.gamma,
+        params.update({"scoring.alpha": cfg.scoring.alpha, "profile.k": cfg.profile.k,
+                       "profile.gamma": cfg.profile.gamma,
                        "offline.domain": cfg.offline.domain, "llm.model": cfg.llm.model,
                        "train_pairs": len(train_set), "val_pairs": len(val_set)})
         mlflow.log_params(params)
@@ -161,7 +164,7 @@ def curve_plot(curve: list[dict], path: str) -> None:
 
 def epoch_metrics(m: dict) -> dict[str, float]:
     """One epoch's figures as flat MLflow metric names."""
-    out = {"val_ndcg10": m["selection"]}
+    out = {"val_ndcg10": m["selection"], "val_pure_ndcg10": m["pure"], "val_served_ndcg10": m["served"]}
     if "train_loss" in m:
         out["train_loss"] = m["train_loss"]
     for g, v in m["generators"].items():
@@ -189,10 +192,12 @@ def _fit_rerank(store: TableStore, cfg: Config):
     started = time.time()
     E = embed(model, data.texts, batch_size=128)
     embed_seconds = time.time() - started
-    alphas = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0}))
+    served_alpha = cfg.scoring.served_alpha
+    alphas = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0} | ({served_alpha} - {None})))
     with mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as active:
         params = {f"train.{k}": v for k, v in asdict(s).items()}
-        params.update({"profile.k": cfg.profile.k, "profile.gamma": cfg.profile.gamma,
+        params.update({"scoring.alpha": cfg.scoring.alpha, "profile.k": cfg.profile.k,
+                       "profile.gamma": cfg.profile.gamma,
                        "profile.persona_vectors": cfg.profile.persona_vectors,
                        "profile.centroid_members": cfg.profile.centroid_members,
                        "offline.persona_builder": cfg.offline.persona_builder, "train_examples": len(data.train),
@@ -201,7 +206,8 @@ def _fit_rerank(store: TableStore, cfg: Config):
         mlflow.log_params(params)
         mlflow.set_tags({f"input.{k}.delta_version": v for k, v in inputs.items()})
         result = rerank.fit(E, data, s, cfg.profile.gamma, alphas,
-                            on_epoch=lambda epoch, m: mlflow.log_metrics(epoch_metrics(m), step=epoch))
+                            on_epoch=lambda epoch, m: mlflow.log_metrics(epoch_metrics(m), step=epoch),
+                            served_alpha=served_alpha)
         baseline, best = result.curve[0], result.curve[result.best_epoch]
         for g, m in baseline["generators"].items():
             if m["generator"] is not None:
@@ -224,13 +230,15 @@ def _fit_rerank(store: TableStore, cfg: Config):
                             "validation_ndcg10": best["selection"]})
         client.set_model_version_tag(cfg.mlflow.registered_model, version, "validation_ndcg10", str(best["selection"]))
         client.set_model_version_tag(cfg.mlflow.registered_model, version, "objective", "rerank")
+        client.set_model_version_tag(cfg.mlflow.registered_model, version, "selection", s.selection)
         for g, m in best["generators"].items():
             if m["generator"] is not None:  # the α this head is best blended at, for scoring.alpha=auto
                 set_blend_alpha(cfg, client, version, g, m["best_alpha"])
         log.info("registered %s version %s as @%s (run %s): validation NDCG@10 %.5f at epoch %d (un-tuned %.5f)",
                  cfg.mlflow.registered_model, version, CHALLENGER, active.info.run_id, best["selection"],
                  result.best_epoch, baseline["selection"])
-    summary = lambda m: {"val_ndcg10": m["selection"], **{f"val_ndcg10_{g}": v["pure"] for g, v in m["generators"].items()},
+    summary = lambda m: {"val_ndcg10": m["selection"], "val_served_ndcg10": m["served"],
+                         **{f"val_ndcg10_{g}": v["pure"] for g, v in m["generators"].items()},
                          **{f"val_generator_ndcg10_{g}": v["generator"] for g, v in m["generators"].items()}}
     report = TrainReport(active.info.run_id, version, len(data.train), len(data.validation), summary(baseline),
                          {"best_epoch": result.best_epoch, **summary(best)}, result.steps, round(result.seconds, 2))

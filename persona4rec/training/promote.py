@@ -3,13 +3,15 @@
 On ranking quality (the default, `train.objective: rerank` — issue 14): the challenger, the
 champion and the un-tuned base encoder each rerank the same validation lists (training/lists.py:
 each user's validation item among the generator's candidates, as `evaluate` measures it) and are
-compared on NDCG@10 of the pure rerank (mean over the generators). The challenger is promoted only
-if (1) it beats the champion by more than `mlflow.promotion_margin` (or there is none), (2) it is
-not below the un-tuned encoder, and (3) where the generator's own ranks are known (leave-one-out
-lists: evaluation-mode candidates exist), its rerank at the α it will be served with
-(`scoring.alpha`, or for `auto` the α chosen on validation and tagged on the version) is not below
-any generator's NDCG@10: a model that makes the e-mails worse than the generator alone never
-becomes champion. Lists of a production run carry no generator rank of the held-out item (the
+compared on NDCG@10 of what the e-mails will rank (`train.selection`, mean over the generators:
+`served` = the blend at the α of `scoring.alpha` — for `auto`, the α each model's validation
+chooses —, `pure` = the pure rerank), the metric training chose the checkpoint on. The
+challenger is promoted only if (1) it beats the champion by more than `mlflow.promotion_margin`
+(or there is none), (2) it is not below the un-tuned encoder, and (3) where the generator's own
+ranks are known (leave-one-out lists: evaluation-mode candidates exist), its rerank at the α it
+will be served with (`scoring.alpha`, or for `auto` the α chosen on validation and tagged on the
+version) is not below any generator's NDCG@10: a model that makes the e-mails worse than the
+generator alone never becomes champion. Lists of a production run carry no generator rank of the held-out item (the
 `sampled` protocol): check (3) is then skipped and the decision says so.
 
 The ranking gate applies whatever the training objective: a model trained on the paper's
@@ -100,8 +102,8 @@ def decide_ranking(challenger: dict, champion: dict | None, untuned: dict, alpha
 def served_alphas(cfg: Config, version: str, generators) -> dict[str, float | None]:
     """The α each generator's e-mails will blend with when `version` serves; None where
     `scoring.alpha: auto` finds none chosen yet (a model the rerank trainer did not select)."""
-    if cfg.scoring.alpha != "auto":
-        return {g: float(cfg.scoring.alpha) for g in generators}
+    if cfg.scoring.served_alpha is not None:
+        return {g: cfg.scoring.served_alpha for g in generators}
     return {g: blend_alpha(cfg, version, g) for g in generators}
 
 
@@ -190,7 +192,8 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
         import torch
 
         E = torch.from_numpy(embed(model, data.texts, batch_size=128))
-        return rerank.validate(E, None, data, cfg.profile.gamma, grid)
+        return rerank.validate(E, None, data, cfg.profile.gamma, grid, selection=cfg.train.selection,
+                               served_alpha=cfg.scoring.served_alpha)
 
     results, versions = measured(cfg, client, name, measure)
     s = cfg.train

@@ -29,8 +29,11 @@ generator's candidates", and with review-cluster personas it mostly learns clust
   `alignment_pairs`) — the paper's signal in the serving geometry, for items with two or more
   personas. Shapes: the positive's cosines (B, w), as in the ranking term → cos / τ.
 * Selection: after every epoch the validation lists (training/lists.py) are reranked — NDCG@10 of
-  the pure rerank and of the blend at each α — and the head with the best mean pure NDCG@10 over
-  the generators is kept (epoch 0 = the un-tuned encoder: training that does not help is not kept).
+  the pure rerank and of the blend at each α — and the head with the best mean NDCG@10 over the
+  generators of what will be served is kept (`train.selection: served`: the blend at the α the
+  e-mails use — a numeric `scoring.alpha`, or for `auto` the α these lists choose, which training
+  tags on the model; `pure`: the pure rerank's). Epoch 0 = the un-tuned encoder: training that
+  does not help is not kept.
 
 The base embeddings of every text are computed once (no gradient through the transformer), so a
 step costs a few matrix products: minutes on a CPU for the shared sets' tens of thousands of
@@ -219,13 +222,18 @@ def ndcg(rank: np.ndarray, k: int = NDCG_K) -> np.ndarray:
 
 @torch.no_grad()
 def validate(E: torch.Tensor, W: torch.Tensor | None, data: RerankData, gamma: float, alphas: tuple[float, ...],
-             chunk: int = 4096) -> dict:
+             chunk: int = 4096, selection: str = "served", served_alpha: float | None = None) -> dict:
     """NDCG@10 of the validation lists per generator: the generator's own order, the pure rerank
-    (max over personas, as served) and the blend at every α; `selection` = the mean pure NDCG@10
-    over the generators (what the checkpoint is chosen on). Ties keep the generator's order."""
+    (max over personas, as served) and the blend at every α; per generator `served` = the blend at
+    the α the e-mails will use (`served_alpha`, i.e. a numeric `scoring.alpha`, which must be in
+    `alphas`; None = `scoring.alpha: auto`, which serves the α these lists choose, `best_alpha`).
+    Over the generators: `pure` and `served` (means), and `selection` = the one of them named by
+    `selection` (`train.selection`: what the checkpoint is chosen and the model promoted on). Lists
+    without the generator's own ranks (`sampled`) measure no blend: their served figure is the pure
+    rerank. Ties keep the generator's order."""
     val: Validation = data.validation
     if not len(val):
-        return {"selection": float("nan"), "generators": {}}
+        return {"selection": float("nan"), "pure": float("nan"), "served": float("nan"), "generators": {}}
     n = len(val)
     width = int((val.candidates.ptr[1:] - val.candidates.ptr[:-1]).max())
     persona = np.full((n, width), -np.inf)
@@ -276,10 +284,12 @@ def validate(E: torch.Tensor, W: torch.Tensor | None, data: RerankData, gamma: f
         sel = gens == g
         blend = {float(a): float(v[sel].mean()) for a, v in by.items() if a != "generator"}
         best = max(blend, key=lambda a: (round(blend[a], 12), a))
+        at = 1.0 if sampled else best if served_alpha is None else float(served_alpha)
         out[g] = {"lists": int(sel.sum()), "generator": None if sampled else float(by["generator"][sel].mean()),
-                  "pure": blend[1.0], "blend": blend, "best_alpha": best, "best_blend": blend[best]}
-    return {"selection": float(np.mean([m["pure"] for m in out.values()])), "generators": out,
-            "protocol": val.protocol}
+                  "pure": blend[1.0], "blend": blend, "best_alpha": best, "best_blend": blend[best],
+                  "served_alpha": at, "served": blend[at]}
+    means = {key: float(np.mean([m[key] for m in out.values()])) for key in ("pure", "served")}
+    return {"selection": means[selection], **means, "generators": out, "protocol": val.protocol}
 
 
 @dataclass
@@ -292,8 +302,9 @@ class RerankResult:
 
 
 def fit(E_np: np.ndarray, data: RerankData, s: TrainSettings, gamma: float, alphas: tuple[float, ...],
-        on_epoch: Callable[[int, dict], None] | None = None) -> RerankResult:
-    """Train W on `data` with base embeddings `E_np` (texts × d); see the module docstring."""
+        on_epoch: Callable[[int, dict], None] | None = None, served_alpha: float | None = None) -> RerankResult:
+    """Train W on `data` with base embeddings `E_np` (texts × d); see the module docstring.
+    `served_alpha`: a numeric `scoring.alpha` (None = auto), for `train.selection: served`."""
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     E = torch.from_numpy(np.ascontiguousarray(E_np, dtype=np.float32))
@@ -301,7 +312,8 @@ def fit(E_np: np.ndarray, data: RerankData, s: TrainSettings, gamma: float, alph
     W = torch.nn.Parameter(torch.eye(d))
     optimizer = torch.optim.Adam([W], lr=s.rerank_learning_rate)
     started = time.time()
-    first = validate(E, W.detach(), data, gamma, alphas)
+    check = lambda head: validate(E, head, data, gamma, alphas, selection=s.selection, served_alpha=served_alpha)
+    first = check(W.detach())
     result = RerankResult(np.eye(d, dtype=np.float32), 0, [{"epoch": 0, **first}])
     best, stale = first["selection"], 0
     if on_epoch:
@@ -328,7 +340,7 @@ def fit(E_np: np.ndarray, data: RerankData, s: TrainSettings, gamma: float, alph
             if s.max_steps is not None and result.steps >= s.max_steps:
                 break
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   **validate(E, W.detach(), data, gamma, alphas)}
+                   **check(W.detach())}
         result.curve.append(metrics)
         if on_epoch:
             on_epoch(epoch, metrics)
