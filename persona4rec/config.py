@@ -235,8 +235,8 @@ class TrainSettings:
     rerank_batch_size: int = 1024  # many in-batch negatives: what made the difference on the shared sets
     rerank_learning_rate: float = 0.003
     rerank_patience: int = 5  # stop after this many epochs without a better validation NDCG@10
-    # what the checkpoint is chosen and the model promoted on, validation NDCG@10 (mean over the
-    # generators) of: `served` = the blend at the α the e-mails use (a numeric scoring.alpha, or
+    # what the rerank objective's checkpoint is chosen and promote_model's ranking gate (either
+    # objective) compares on, validation NDCG@10 (mean over the generators) of: `served` = the blend at the α the e-mails use (a numeric scoring.alpha, or
     # for auto the α validation chooses); `pure` = the pure rerank, whatever is served
     selection: Literal["served", "pure"] = "served"
     max_examples: int = 200_000  # training examples the rerank objective reads (a user-hash sample beyond)
@@ -445,6 +445,7 @@ class Config:
         _check(self.scoring.alpha == "auto" or 0 <= self.scoring.alpha <= 1, "scoring.alpha", self.scoring.alpha,
                "must be within [0, 1] or auto")
         _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1 or null")
+        _check(t.selection in ("served", "pure"), "train.selection", t.selection, "must be served or pure")
         _check(t.history_grad_items is None or t.history_grad_items >= 1, "train.history_grad_items",
                t.history_grad_items, "must be >= 1 or null")
         ev = self.evaluation

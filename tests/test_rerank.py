@@ -6,6 +6,7 @@ encoder cannot know it; the generator's candidates are in random order. A head t
 generator's candidates learns to put the user's colour first.
 """
 
+import json
 import random
 from dataclasses import replace
 
@@ -181,8 +182,8 @@ def test_the_rerank_head_learns_what_the_untuned_encoder_cannot_and_keeps_the_be
     assert best["selection"] == max(c["selection"] for c in result.curve)
     assert result.curve[1]["train_loss"] > result.curve[-1]["train_loss"]
     # the kept head is the best epoch's: validating with it reproduces that epoch's figure
-    again = rerank.validate(torch.from_numpy(E), torch.from_numpy(result.head), data, 0.9, (1.0,))
-    assert again["selection"] == pytest.approx(best["selection"])
+    again = rerank.validate(torch.from_numpy(E), torch.from_numpy(result.head), data, 0.9, (0.0, 0.5, 1.0))
+    assert again["selection"] == pytest.approx(best["selection"]) and again["served"] == pytest.approx(best["served"])
 
 
 @pytest.mark.unit
@@ -497,3 +498,14 @@ def test_the_rerank_job_trains_registers_a_served_head_and_the_gate_refuses_a_wo
                                 order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
     assert fourth.challenger_score == pytest.approx(logged["metrics.challenger_val_served_ndcg10_als"])
     assert logged["metrics.challenger_val_served_ndcg10_als"] != logged["metrics.challenger_val_ndcg10_als"]
+
+    # trained for a numeric α that is not on the grid: every epoch is measured, and the checkpoint
+    # chosen, at that α
+    off_grid = rerank_config(tmp_path, "mode=evaluation", "scoring.alpha=0.35")
+    trained, _ = job.fit(spark, off_grid)
+    path = mlflow.artifacts.download_artifacts(run_id=trained.run_id, artifact_path="validation_curve.json")
+    curve = json.loads(open(path).read())
+    assert {c["generators"]["als"]["served_alpha"] for c in curve} == {0.35}
+    kept = curve[trained.final["best_epoch"]]
+    assert kept["selection"] == max(c["selection"] for c in curve) == kept["generators"]["als"]["blend"]["0.35"]
+    assert client.get_model_version(name, trained.model_version).tags["selection"] == "served"

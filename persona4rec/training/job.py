@@ -140,8 +140,9 @@ def _fit(store: TableStore, cfg: Config, train_set, val_set):
     return report, model
 
 
-def curve_plot(curve: list[dict], path: str) -> None:
-    """Validation NDCG@10 per epoch (pure rerank per generator, and the generator itself)."""
+def curve_plot(curve: list[dict], path: str, best_epoch: int | None = None) -> None:
+    """Validation NDCG@10 per epoch: per generator the pure rerank, the served blend (where it
+    differs) and the generator itself; the kept epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,9 +152,14 @@ def curve_plot(curve: list[dict], path: str) -> None:
     epochs = [c["epoch"] for c in curve]
     for g in sorted(curve[0]["generators"]):
         line, = ax.plot(epochs, [c["generators"][g]["pure"] for c in curve], "o-", label=f"rerank over {g}")
+        served = [c["generators"][g]["served"] for c in curve]
+        if served != [c["generators"][g]["pure"] for c in curve]:
+            ax.plot(epochs, served, "s:", color=line.get_color(), label=f"served blend over {g}")
         own = curve[0]["generators"][g]["generator"]
         if own is not None:
             ax.axhline(own, ls="--", color=line.get_color(), label=f"{g} alone")
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", lw=0.8, label=f"kept (epoch {best_epoch})")
     ax.set_xlabel("epoch (0 = un-tuned)")
     ax.set_ylabel("validation NDCG@10")
     ax.legend()
@@ -170,6 +176,7 @@ def epoch_metrics(m: dict) -> dict[str, float]:
     for g, v in m["generators"].items():
         out[f"val_ndcg10_{g}"] = v["pure"]
         out[f"val_blend_ndcg10_{g}"] = v["best_blend"]
+        out[f"val_served_ndcg10_{g}"] = v["served"]
     return {k: x for k, x in out.items() if x is not None and not math.isnan(x)}
 
 
@@ -193,6 +200,9 @@ def _fit_rerank(store: TableStore, cfg: Config):
     E = embed(model, data.texts, batch_size=128)
     embed_seconds = time.time() - started
     served_alpha = cfg.scoring.served_alpha
+    if served_alpha == 0.0 and s.selection == "served":
+        log.warning("scoring.alpha is 0: the e-mails get the generator's own order, which no head changes, so "
+                    "train.selection=served keeps the un-tuned encoder (set train.selection=pure to train anyway)")
     alphas = tuple(sorted(set(cfg.evaluation.alpha_grid) | {1.0} | ({served_alpha} - {None})))
     with mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as active:
         params = {f"train.{k}": v for k, v in asdict(s).items()}
@@ -216,7 +226,7 @@ def _fit_rerank(store: TableStore, cfg: Config):
                             "embed_seconds": embed_seconds, "best_val_ndcg10": best["selection"],
                             "untuned_val_ndcg10": baseline["selection"]})
         with tempfile.TemporaryDirectory() as tmp:
-            curve_plot(result.curve, os.path.join(tmp, "validation_ndcg10.png"))
+            curve_plot(result.curve, os.path.join(tmp, "validation_ndcg10.png"), result.best_epoch)
             with open(os.path.join(tmp, "config.yaml"), "w") as fh:
                 yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
             with open(os.path.join(tmp, "input_versions.json"), "w") as fh:
@@ -231,6 +241,9 @@ def _fit_rerank(store: TableStore, cfg: Config):
         client.set_model_version_tag(cfg.mlflow.registered_model, version, "validation_ndcg10", str(best["selection"]))
         client.set_model_version_tag(cfg.mlflow.registered_model, version, "objective", "rerank")
         client.set_model_version_tag(cfg.mlflow.registered_model, version, "selection", s.selection)
+        for key in ("pure", "served"):
+            client.set_model_version_tag(cfg.mlflow.registered_model, version, f"validation_{key}_ndcg10",
+                                         str(best[key]))
         for g, m in best["generators"].items():
             if m["generator"] is not None:  # the α this head is best blended at, for scoring.alpha=auto
                 set_blend_alpha(cfg, client, version, g, m["best_alpha"])
@@ -239,6 +252,7 @@ def _fit_rerank(store: TableStore, cfg: Config):
                  result.best_epoch, baseline["selection"])
     summary = lambda m: {"val_ndcg10": m["selection"], "val_served_ndcg10": m["served"],
                          **{f"val_ndcg10_{g}": v["pure"] for g, v in m["generators"].items()},
+                         **{f"val_served_ndcg10_{g}": v["served"] for g, v in m["generators"].items()},
                          **{f"val_generator_ndcg10_{g}": v["generator"] for g, v in m["generators"].items()}}
     report = TrainReport(active.info.run_id, version, len(data.train), len(data.validation), summary(baseline),
                          {"best_epoch": result.best_epoch, **summary(best)}, result.steps, round(result.seconds, 2))

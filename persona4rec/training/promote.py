@@ -5,7 +5,9 @@ champion and the un-tuned base encoder each rerank the same validation lists (tr
 each user's validation item among the generator's candidates, as `evaluate` measures it) and are
 compared on NDCG@10 of what the e-mails will rank (`train.selection`, mean over the generators:
 `served` = the blend at the α of `scoring.alpha` — for `auto`, the α each model's validation
-chooses —, `pure` = the pure rerank), the metric training chose the checkpoint on. The
+chooses —, `pure` = the pure rerank), the metric the rerank trainer chose its checkpoint on.
+(With `auto` each model is measured at the α these lists choose for it: what training tags, and
+what `evaluate` re-chooses on every validation user before scoring reads it.) The
 challenger is promoted only if (1) it beats the champion by more than `mlflow.promotion_margin`
 (or there is none), (2) it is not below the un-tuned encoder, and (3) where the generator's own
 ranks are known (leave-one-out lists: evaluation-mode candidates exist), its rerank at the α it
@@ -215,7 +217,8 @@ def _decide_ranking(spark: SparkSession, cfg: Config, client, name: str) -> Deci
     for who, r in results.items():
         for g, m in r["generators"].items():
             flat[f"{who}_val_ndcg10_{g}"] = m["pure"]
-            flat[f"{who}_val_served_ndcg10_{g}"] = m["blend"].get(alphas.get(g, 1.0), m["pure"])
+            flat[f"{who}_val_served_ndcg10_{g}"] = m["served"]  # at m["served_alpha"]: what (1) and (2) compared
+            flat[f"{who}_served_alpha_{g}"] = m["served_alpha"]
             if m["generator"] is not None:
                 flat[f"generator_val_ndcg10_{g}"] = m["generator"]
     with mlflow.start_run(run_name="promote"):

@@ -33,7 +33,8 @@ generator's candidates", and with review-cluster personas it mostly learns clust
   generators of what will be served is kept (`train.selection: served`: the blend at the α the
   e-mails use — a numeric `scoring.alpha`, or for `auto` the α these lists choose, which training
   tags on the model; `pure`: the pure rerank's). Epoch 0 = the un-tuned encoder: training that
-  does not help is not kept.
+  does not help is not kept. (With `auto` the α and the epoch are both chosen on these lists, a
+  little optimistic as any selection on them; `evaluate` re-chooses α on every validation user.)
 
 The base embeddings of every text are computed once (no gradient through the transformer), so a
 step costs a few matrix products: minutes on a CPU for the shared sets' tens of thousands of
