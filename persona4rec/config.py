@@ -236,8 +236,9 @@ class TrainSettings:
     rerank_learning_rate: float = 0.003
     rerank_patience: int = 5  # stop after this many epochs without a better validation NDCG@10
     # what the rerank objective's checkpoint is chosen and promote_model's ranking gate (either
-    # objective) compares on, validation NDCG@10 (mean over the generators) of: `served` = the blend at the α the e-mails use (a numeric scoring.alpha, or
-    # for auto the α validation chooses); `pure` = the pure rerank, whatever is served
+    # objective) compares on, validation NDCG@10 (mean over the generators) of: `served` = the
+    # blend at the α the e-mails use (a numeric scoring.alpha, or for auto the α validation
+    # chooses); `pure` = the pure rerank, whatever is served
     selection: Literal["served", "pure"] = "served"
     max_examples: int = 200_000  # training examples the rerank objective reads (a user-hash sample beyond)
     # The paper's alignment signal as an auxiliary term of the rerank loss: for an example whose

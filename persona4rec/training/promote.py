@@ -13,8 +13,8 @@ challenger is promoted only if (1) it beats the champion by more than `mlflow.pr
 ranks are known (leave-one-out lists: evaluation-mode candidates exist), its rerank at the α it
 will be served with (`scoring.alpha`, or for `auto` the α chosen on validation and tagged on the
 version) is not below any generator's NDCG@10: a model that makes the e-mails worse than the
-generator alone never becomes champion. Lists of a production run carry no generator rank of the held-out item (the
-`sampled` protocol): check (3) is then skipped and the decision says so.
+generator alone never becomes champion. Lists of a production run carry no generator rank of the
+held-out item (the `sampled` protocol): check (3) is then skipped and the decision says so.
 
 The ranking gate applies whatever the training objective: a model trained on the paper's
 `train.objective: alignment` is served for the same rerank, so it is promoted on the same metric.
