@@ -33,10 +33,8 @@ def test_bundle_has_dev_and_prod_and_the_expected_jobs():
 
 @pytest.mark.parametrize("job_name, task", list(tasks()), ids=lambda x: x if isinstance(x, str) else x["task_key"])
 def test_every_task_runs_an_existing_job_with_valid_arguments(job_name, task):
-    spt = task["spark_python_task"]
-    assert (ROOT / spt["python_file"]).is_file()
-    args = parser("x").parse_args([substitute(p) for p in spt.get("parameters", [])])
-    cfg = load_config(args.target, args.overrides)  # unknown keys or bad values would raise
+    assert (ROOT / task["spark_python_task"]["python_file"]).is_file()
+    cfg = _config(task)  # unknown keys or bad values would raise
     assert cfg.storage.schema
     for dep in task.get("depends_on", []):
         assert dep["task_key"] in {t["task_key"] for _, t in tasks()}
@@ -48,8 +46,18 @@ def test_scoring_job_is_scheduled_and_paused_in_dev():
     assert [t["task_key"] for t in scoring["tasks"]] == ["build_index", "generate_candidates", "score_users"]
 
 
+def _args(task):
+    return parser("x").parse_args([substitute(p) for p in task["spark_python_task"].get("parameters", [])])
+
+
 def _overrides(task):
-    return parser("x").parse_args([substitute(p) for p in task["spark_python_task"]["parameters"]]).overrides
+    return _args(task).overrides
+
+
+def _config(task):
+    """The task's config as the job resolves it: its --target layer and --set overrides."""
+    args = _args(task)
+    return load_config(args.target, args.overrides)
 
 
 def test_scoring_job_runs_production_mode_and_evaluate_gets_evaluation_candidates():
@@ -59,11 +67,6 @@ def test_scoring_job_runs_production_mode_and_evaluate_gets_evaluation_candidate
     training = {t["task_key"]: t for t in jobs["training"]["tasks"]}
     assert load_config(None, _overrides(training["generate_candidates"])).mode == "evaluation"
     assert "generate_candidates" in {d["task_key"] for d in training["evaluate"]["depends_on"]}
-
-
-def _config(task):
-    args = parser("x").parse_args([substitute(p) for p in task["spark_python_task"]["parameters"]])
-    return load_config(args.target, args.overrides)
 
 
 def test_training_selects_and_promotion_gates_on_the_blend_the_emails_are_served_with():
